@@ -1,0 +1,181 @@
+"""Fixtures: a real Redis, real S3 servers (SeaweedFS, moto) and real ``celery worker`` processes,
+all started here on loopback ports of their own, so the tests never touch services a developer
+or CI machine happens to run.
+
+A *stack* is one isolated deployment: its own Redis database (broker, results and checkpoints),
+its own workers, one S3 server. The session's default stack is shared by tests that do not kill
+workers; tests that do build their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from uploader import Uploader
+from uploader.config import Settings
+from uploader.localstack import MotoS3, RedisServer, SeaweedS3, Worker, scratch_dir
+
+ACCESS_KEY = "test-access-key"
+SECRET_KEY = "test-secret-key-never-logged"
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = scratch_dir("uploader-tests-")
+    yield path
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(workdir: Path) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(workdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto(workdir: Path) -> Iterator[MotoS3]:
+    server = MotoS3(workdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sources_root(workdir: Path) -> Path:
+    root = workdir / "sources"
+    root.mkdir()
+    return root
+
+
+def s3_client(endpoint_url: str):  # type: ignore[no-untyped-def]
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
+    )
+
+
+@dataclass
+class Stack:
+    """One isolated deployment: env for workers, a client, an S3 client, started workers."""
+
+    workdir: Path
+    redis_url: str
+    endpoint_url: str
+    sources_root: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    workers: list[Worker] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.env = {
+            "UPLOADER_BROKER_URL": self.redis_url,
+            "UPLOADER_S3_ENDPOINT_URL": self.endpoint_url,
+            "UPLOADER_SOURCE_ROOTS": str(self.sources_root),
+            "UPLOADER_RETRY_BACKOFF_MAX": "2",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            **self.extra_env,
+        }
+        self.settings = Settings(**{k.removeprefix("UPLOADER_").lower(): v for k, v in self.env.items() if k.startswith("UPLOADER_")})
+        self.uploader = Uploader(self.settings)
+        self.s3 = s3_client(self.endpoint_url)
+
+    def start_worker(self, name: str = "worker", concurrency: int = 4, **env: str) -> Worker:
+        worker = Worker(self.workdir, {**self.env, **env}, name=name, concurrency=concurrency)
+        self.workers.append(worker)
+        return worker
+
+    def new_bucket(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:20]}"
+        self.s3.create_bucket(Bucket=name)
+        return name
+
+    def make_file(self, size: int, name: str | None = None) -> Path:
+        path = self.sources_root / (name or f"src-{uuid.uuid4().hex}.bin")
+        with open(path, "wb") as f:
+            remaining = size
+            while remaining:
+                chunk = os.urandom(min(remaining, 4 << 20))
+                f.write(chunk)
+                remaining -= len(chunk)
+        return path
+
+    def object_sha256(self, bucket: str, key: str) -> str:
+        body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: body.read(1 << 20), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def open_multipart_uploads(self, bucket: str) -> list[dict]:
+        return self.s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+    def checkpoint_keys(self, upload_id: str) -> list[str]:
+        return sorted(self.uploader.checkpoint.redis.scan_iter(match=f"*{upload_id}*"))
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.uploader.close()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def make_stack(workdir: Path, redis_server: RedisServer, seaweed: SeaweedS3, sources_root: Path, request):  # type: ignore[no-untyped-def]
+    """Factory for an isolated stack on its own Redis database; its workers stop with the test."""
+    stacks: list[Stack] = []
+
+    def factory(s3: str = "seaweed", **extra_env: str) -> Stack:
+        db = next(_databases)
+        assert db < 64, "too many isolated stacks for one Redis; raise --databases in RedisServer"
+        endpoint = seaweed.endpoint_url if s3 == "seaweed" else request.getfixturevalue("moto").endpoint_url
+        stack = Stack(workdir, redis_server.url.rsplit("/", 1)[0] + f"/{db}", endpoint, sources_root, extra_env)
+        stacks.append(stack)
+        return stack
+
+    yield factory
+    for stack in stacks:
+        stack.close()
+
+
+@pytest.fixture(scope="session")
+def shared_stack(workdir: Path, redis_server: RedisServer, seaweed: SeaweedS3, sources_root: Path) -> Iterator[Stack]:
+    """The session's default stack on SeaweedFS with two running workers."""
+    stack = Stack(workdir, redis_server.url, seaweed.endpoint_url, sources_root)
+    stack.start_worker("shared-a")
+    stack.start_worker("shared-b")
+    yield stack
+    stack.close()
+
+
+@pytest.fixture
+def stack(shared_stack: Stack) -> Stack:
+    return shared_stack

@@ -1,0 +1,257 @@
+"""The checkpoint: each upload's record and recorded parts in Redis, the source of truth.
+
+Every state change is one Lua script in ``lua/`` named after its transition, so the protocol
+reads as a short list of files::
+
+    creating --attach_multipart--> uploading --begin_completion--> completing --mark_completed--> completed
+        \\--discard_upload (store refused)    |  ^                        |
+                                             |  +----reopen_upload------+ (lapsed lease) / failed
+          any active --mark_failed--> failed --reopen_upload / restart_upload--> uploading
+          any but completed --cancel_upload--> cancelled
+
+Parts are recorded with ``record_part``, fenced by the multipart upload id they were sent to,
+so a stale task from an older attempt can never write into a newer one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from uploader.objectstore import UploadedPart
+
+STATES = ("creating", "uploading", "completing", "completed", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One upload as the checkpoint holds it."""
+
+    upload_id: str
+    state: str
+    source: str
+    bucket: str
+    key: str
+    size: int
+    mtime_ns: int
+    part_size: int
+    part_count: int
+    mode: str
+    mpu_id: str
+    metadata: dict[str, str]
+    content_type: str | None
+    abort_on_failure: bool
+    created: float
+    updated: float
+    finished: float | None
+    parts_done: int
+    bytes_done: int
+    parts_sent: int
+    bytes_sent: int
+    complete_calls: int
+    error: str
+    final_etag: str
+    verified: str
+    attempt: int
+    requested_part_size: int
+
+    @classmethod
+    def from_hash(cls, upload_id: str, raw: dict[str, str]) -> UploadRecord:
+        def num(name: str, kind: type = int, default: Any = 0) -> Any:
+            value = raw.get(name)
+            return kind(value) if value not in (None, "") else default
+
+        return cls(
+            upload_id=upload_id,
+            state=raw.get("state", "missing"),
+            source=raw.get("source", ""),
+            bucket=raw.get("bucket", ""),
+            key=raw.get("key", ""),
+            size=num("size"),
+            mtime_ns=num("mtime_ns"),
+            part_size=num("part_size"),
+            part_count=num("part_count"),
+            mode=raw.get("mode", "multipart"),
+            mpu_id=raw.get("mpu_id", ""),
+            metadata=json.loads(raw.get("metadata") or "{}"),
+            content_type=raw.get("content_type") or None,
+            abort_on_failure=raw.get("abort_on_failure") == "1",
+            created=num("created", float, 0.0),
+            updated=num("updated", float, 0.0),
+            finished=num("finished", float, None),
+            parts_done=num("parts_done"),
+            bytes_done=num("bytes_done"),
+            parts_sent=num("parts_sent"),
+            bytes_sent=num("bytes_sent"),
+            complete_calls=num("complete_calls"),
+            error=raw.get("error", ""),
+            final_etag=raw.get("final_etag", ""),
+            verified=raw.get("verified", ""),
+            attempt=num("attempt"),
+            requested_part_size=num("requested_part_size"),
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class _Scripts:
+    """The Lua transitions, loaded once per Redis client and called by name."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        lua = resources.files("uploader.checkpoint") / "lua"
+        self._scripts = {
+            entry.name.removesuffix(".lua"): client.register_script(entry.read_text())
+            for entry in lua.iterdir()
+            if entry.name.endswith(".lua")
+        }
+
+    def __call__(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._scripts[name](keys=keys, args=args)
+
+
+class CheckpointStore:
+    """Reads and atomic transitions of upload checkpoints. Thread-safe (redis-py pools)."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "uploader") -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._run = _Scripts(client)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "uploader") -> CheckpointStore:
+        client = redis.Redis.from_url(
+            url, decode_responses=True, health_check_interval=30, socket_keepalive=True, retry_on_timeout=True
+        )
+        return cls(client, prefix=prefix)
+
+    # -- keys ---------------------------------------------------------------------------------
+    def record_key(self, upload_id: str) -> str:
+        return f"{self.prefix}:upload:{upload_id}"
+
+    def parts_key(self, upload_id: str) -> str:
+        return f"{self.prefix}:upload:{upload_id}:parts"
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}:uploads"
+
+    def _keys(self, upload_id: str) -> list[str]:
+        return [self.record_key(upload_id), self.parts_key(upload_id)]
+
+    # -- reads --------------------------------------------------------------------------------
+    def get(self, upload_id: str) -> UploadRecord | None:
+        raw = self.redis.hgetall(self.record_key(upload_id))
+        return UploadRecord.from_hash(upload_id, raw) if raw else None
+
+    def parts(self, upload_id: str) -> dict[int, UploadedPart]:
+        """Recorded parts by number."""
+        raw = self.redis.hgetall(self.parts_key(upload_id))
+        out = {}
+        for number, value in raw.items():
+            data = json.loads(value)
+            out[int(number)] = UploadedPart(etag=data["etag"], checksum=data["checksum"])
+        return out
+
+    def missing_parts(self, upload_id: str, part_count: int) -> list[int]:
+        recorded = {int(n) for n in self.redis.hkeys(self.parts_key(upload_id))}
+        return [n for n in range(1, part_count + 1) if n not in recorded]
+
+    def list_ids(self, limit: int = 100) -> list[str]:
+        """Most recent upload ids first; ids whose checkpoint expired are pruned from the index."""
+        ids = self.redis.zrevrange(self.index_key, 0, limit - 1)
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for upload_id in ids:
+            pipe.exists(self.record_key(upload_id))
+        alive = pipe.execute()
+        gone = [i for i, ok in zip(ids, alive) if not ok]
+        if gone:
+            self.redis.zrem(self.index_key, *gone)
+        return [i for i, ok in zip(ids, alive) if ok]
+
+    # -- transitions --------------------------------------------------------------------------
+    def claim(self, upload_id: str, fields: dict[str, Any]) -> tuple[bool, str]:
+        """Create the record in ``creating``. Returns ``(True, "creating")`` when this call created
+        it, else ``(False, existing_state)``."""
+        args: list[Any] = [upload_id, time.time()]
+        for name, value in fields.items():
+            args += [name, _encode(value)]
+        result = self._run("claim_upload", [self.record_key(upload_id), self.index_key], args)
+        return (True, "creating") if result[0] == "created" else (False, result[1])
+
+    def attach_multipart(self, upload_id: str, mpu_id: str) -> str:
+        return self._run("attach_multipart", [self.record_key(upload_id)], [mpu_id, time.time()])
+
+    def discard(self, upload_id: str) -> str:
+        return self._run("discard_upload", [*self._keys(upload_id), self.index_key], [upload_id])
+
+    def begin_part(self, upload_id: str, part_number: int, size: int) -> tuple[str, str]:
+        """``("send", mpu_id)``, ``("recorded", "")`` or ``("inactive", state)``."""
+        result = self._run("begin_part", self._keys(upload_id), [part_number, size])
+        return result[0], (result[1] if len(result) > 1 else "")
+
+    def record_part(self, upload_id: str, mpu_id: str, part_number: int, part: UploadedPart, size: int) -> str:
+        value = json.dumps({"etag": part.etag, "checksum": part.checksum, "size": size}, separators=(",", ":"))
+        return self._run("record_part", self._keys(upload_id), [mpu_id, part_number, value, size, time.time()])
+
+    def begin_completion(self, upload_id: str, token: str, lease_seconds: int) -> str:
+        return self._run("begin_completion", [self.record_key(upload_id)], [token, time.time(), lease_seconds])
+
+    def mark_completed(self, upload_id: str, token: str, retention: int, fields: dict[str, Any]) -> str:
+        args: list[Any] = [token, time.time(), retention]
+        for name, value in fields.items():
+            args += [name, _encode(value)]
+        return self._run("mark_completed", self._keys(upload_id), args)
+
+    def mark_failed(self, upload_id: str, reason: str) -> str:
+        return self._run("mark_failed", [self.record_key(upload_id)], [reason[:2000], time.time()])
+
+    def cancel(self, upload_id: str, retention: int) -> str:
+        return self._run("cancel_upload", self._keys(upload_id), [time.time(), retention])
+
+    def reopen(self, upload_id: str, mpu_id: str) -> str:
+        return self._run("reopen_upload", [self.record_key(upload_id)], [mpu_id, time.time()])
+
+    def restart(self, upload_id: str, old_mpu_id: str, new_mpu_id: str, fields: dict[str, Any]) -> str:
+        args: list[Any] = [old_mpu_id, new_mpu_id, time.time()]
+        for name, value in fields.items():
+            args += [name, _encode(value)]
+        return self._run("restart_upload", self._keys(upload_id), args)
+
+    def forget_parts(self, upload_id: str, mpu_id: str, part_numbers: list[int]) -> int:
+        if not part_numbers:
+            return 0
+        return int(self._run("forget_parts", self._keys(upload_id), [mpu_id, *part_numbers]))
+
+    def try_lock(self, upload_id: str, name: str, token: str, seconds: int) -> bool:
+        """A short advisory lock (e.g. one dispatcher at a time per upload)."""
+        return bool(self.redis.set(f"{self.record_key(upload_id)}:{name}", token, nx=True, ex=seconds))
+
+    def unlock(self, upload_id: str, name: str, token: str) -> None:
+        key = f"{self.record_key(upload_id)}:{name}"
+        # Compare-and-delete, so an expired lock someone else took is not released by us.
+        self.redis.eval(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            1,
+            key,
+            token,
+        )
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    if value is None:
+        return ""
+    return value

@@ -1,0 +1,42 @@
+"""Integrity values S3 servers compute and verify. Pure functions.
+
+One checksum per part is computed, in one pass over the part's buffer, and sent for the server
+to verify; the completed object is then checked against the multipart ETag derived from the
+part ETags the server acknowledged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from collections.abc import Iterable
+
+
+def crc32_b64(data: bytes) -> str:
+    """Base64 of the big-endian CRC32 of ``data``: the ``x-amz-checksum-crc32`` header value."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
+
+
+def md5_b64(data: bytes) -> str:
+    """Base64 of the MD5 of ``data``: the ``Content-MD5`` header value."""
+    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+def md5_b64_to_etag(value: str) -> str:
+    """The quoted hex ETag S3 gives a single-part object whose Content-MD5 was ``value``."""
+    return '"' + base64.b64decode(value).hex() + '"'
+
+
+def multipart_etag(part_etags: Iterable[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these ETags (in part order):
+    ``"md5(concat(binary part md5s))-N"``."""
+    digests = [bytes.fromhex(etag.strip('"')) for etag in part_etags]
+    return f'"{hashlib.md5(b"".join(digests)).hexdigest()}-{len(digests)}"'
+
+
+def composite_crc32(part_checksums: Iterable[str]) -> str:
+    """The ``ChecksumCRC32`` S3 reports for a multipart object whose parts had these CRC32
+    checksums: CRC32 of the concatenated binary part checksums, suffixed ``-N``."""
+    raw = [base64.b64decode(c) for c in part_checksums]
+    return f"{crc32_b64(b''.join(raw))}-{len(raw)}"

@@ -1,0 +1,99 @@
+"""Completing an upload exactly once, verifying the stored object, and failing cleanly.
+
+The chord callback is only a trigger: :func:`complete_upload` trusts the checkpoint, not the
+chord's results. It wins the one atomic transition to ``completing`` (or finds parts missing and
+asks for them to be dispatched again), calls CompleteMultipartUpload with the recorded ETags,
+and checks the object against the multipart ETag those ETags imply.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from uploader.checksums import multipart_etag
+from uploader.context import UploaderContext
+from uploader.errors import PermanentStoreError, UploaderError
+from uploader.objectstore import error_code
+
+log = logging.getLogger(__name__)
+
+_MULTIPART_ETAG = re.compile(r'^"[0-9a-f]{32}-\d+"$')
+
+
+def complete_upload(ctx: UploaderContext, upload_id: str, token: str) -> tuple[str, list[int]]:
+    """Complete ``upload_id`` if every part is recorded.
+
+    ``token`` identifies this completer (the task id: stable across its retries). Returns
+    ``("completed", [])``, ``("missing", parts)`` when the caller must dispatch ``parts`` again
+    and complete afterwards, or ``(verdict, [])`` for ``busy``/``done``/``inactive:<state>``.
+    Transient store errors propagate for the caller to retry under the same token.
+    """
+    store = ctx.checkpoint
+    verdict = store.begin_completion(upload_id, token, ctx.settings.completion_lease_seconds)
+    if verdict == "missing":
+        record = store.get(upload_id)
+        assert record is not None
+        missing = store.missing_parts(upload_id, record.part_count)
+        log.warning("upload %s: completion triggered with %d parts missing; dispatching them again", upload_id, len(missing))
+        return "missing", missing
+    if verdict != "go":
+        return verdict, []
+    record = store.get(upload_id)
+    assert record is not None
+    parts = store.parts(upload_id)
+    absent = [n for n in range(1, record.part_count + 1) if n not in parts]
+    if absent:  # the counter says done but the parts hash disagrees: never complete early
+        mark_failed(ctx, upload_id, f"checkpoint inconsistent: parts {absent[:10]} not recorded")
+        raise UploaderError(f"upload {upload_id}: checkpoint inconsistent, parts {absent[:10]} not recorded")
+    ordered = [(n, parts[n]) for n in range(1, record.part_count + 1)]
+    expected_etag = multipart_etag(p.etag for _, p in ordered)
+    try:
+        ctx.objects.complete_multipart_upload(record.bucket, record.key, record.mpu_id, ordered)
+    except PermanentStoreError as exc:
+        if error_code(exc) == "NoSuchUpload" and _stored_etag(ctx, record.bucket, record.key) == expected_etag:
+            log.info("upload %s: already completed by an earlier attempt", upload_id)
+        else:
+            mark_failed(ctx, upload_id, str(exc))
+            raise
+    head = ctx.objects.head_object(record.bucket, record.key)
+    problems = []
+    if head["ContentLength"] != record.size:
+        problems.append(f"stored size {head['ContentLength']} != source size {record.size}")
+    stored_etag = head.get("ETag", "")
+    if _MULTIPART_ETAG.match(stored_etag):
+        verified = "size+multipart-etag"
+        if stored_etag != expected_etag:
+            problems.append(f"stored ETag {stored_etag} != {expected_etag} computed from the recorded parts")
+    else:
+        verified = "size"  # e.g. SSE-KMS objects, whose ETag is not derived from MD5s
+    if problems:
+        reason = "verification failed: " + "; ".join(problems)
+        mark_failed(ctx, upload_id, reason)
+        raise UploaderError(f"upload {upload_id}: {reason}")
+    outcome = store.mark_completed(
+        upload_id, token, ctx.settings.retention_seconds, {"final_etag": stored_etag, "verified": verified}
+    )
+    log.info("upload %s: completed (%s, %s)", upload_id, stored_etag, verified)
+    return ("completed" if outcome == "ok" else outcome), []
+
+
+def mark_failed(ctx: UploaderContext, upload_id: str, reason: str) -> bool:
+    """Mark the upload ``failed`` with ``reason``; abort its multipart upload too if the request
+    asked for that. Uploaded parts are otherwise kept for ``resume``. Returns whether the state
+    changed (terminal uploads are left alone)."""
+    store = ctx.checkpoint
+    previous = store.mark_failed(upload_id, reason)
+    if previous.startswith("inactive:"):
+        return False
+    record = store.get(upload_id)
+    if record is not None and record.abort_on_failure and record.mpu_id:
+        ctx.objects.abort_multipart_upload(record.bucket, record.key, record.mpu_id)
+    return True
+
+
+def _stored_etag(ctx: UploaderContext, bucket: str, key: str) -> str | None:
+    try:
+        return ctx.objects.head_object(bucket, key).get("ETag")
+    except UploaderError:
+        return None

@@ -1,0 +1,101 @@
+"""Settings read from ``UPLOADER_*`` environment variables.
+
+Defaults work against the local stack (Redis on 127.0.0.1:6379, SeaweedFS's S3 gateway on
+127.0.0.1:8333). Credentials are deliberately absent: workers take them from boto3's standard
+chain (environment, shared config, instance role), so they never travel in a task message.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from uploader.planner import DEFAULT_PART_SIZE
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with the environment variable named ``UPLOADER_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="UPLOADER_", extra="ignore", frozen=True)
+
+    #: Celery broker. Redis is what the crash-safety settings below are tuned for.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery result backend (chord counters live here). Defaults to the broker URL.
+    result_backend: str | None = None
+    #: Redis holding the checkpoints. Defaults to the broker URL.
+    checkpoint_url: str | None = None
+    #: Prefix of every checkpoint key, so one Redis can serve several deployments.
+    key_prefix: str = "uploader"
+
+    #: S3 endpoint; ``None`` means AWS's own endpoints.
+    s3_endpoint_url: str | None = "http://127.0.0.1:8333"
+    s3_region: str = "us-east-1"
+    #: ``path`` for MinIO/SeaweedFS, ``virtual`` for Alibaba OSS, ``auto`` for AWS.
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "path"
+    #: Per-part integrity check the server verifies: CRC32 (cheap) or MD5 (Content-MD5,
+    #: accepted by every S3 dialect, including OSS which rejects x-amz-checksum headers).
+    part_checksum: Literal["crc32", "md5"] = "crc32"
+
+    default_part_size: int = Field(DEFAULT_PART_SIZE, ge=1)
+    #: Sources smaller than this take the single-PutObject path.
+    multipart_threshold: int = Field(DEFAULT_PART_SIZE, ge=0)
+    #: Directories sources must resolve into (after symlinks and ``..``). Colon- or
+    #: comma-separated in the environment.
+    source_roots: Annotated[tuple[Path, ...], NoDecode] = (Path("/"),)
+
+    #: Attempts per part for transient S3/network errors, with exponential backoff and jitter.
+    part_max_retries: int = Field(5, ge=0)
+    retry_backoff_max: int = Field(60, ge=1)
+    #: Seconds an unacknowledged message stays invisible before Redis redelivers it.
+    #: Must exceed the slowest part's upload time, or parts run twice concurrently.
+    visibility_timeout: int = Field(3600, ge=60)
+    #: Seconds a finished upload's checkpoint is kept for ``status`` before it expires.
+    retention_seconds: int = Field(7 * 24 * 3600, ge=60)
+    #: Seconds a completer holds the ``completing`` lease before another may take over.
+    completion_lease_seconds: int = Field(300, ge=5)
+    #: Seconds without recorded progress after which an ``uploading`` upload counts as stalled
+    #: (a duplicate ``start_upload`` then resumes it instead of being ignored).
+    stall_seconds: int = Field(120, ge=1)
+    #: Bytes per second one worker process may send (0 = unlimited).
+    max_bandwidth: int = Field(0, ge=0)
+    #: Threads per worker process (also the S3 connection pool size).
+    worker_concurrency: int = Field(8, ge=1)
+
+    @field_validator("source_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(Path(p) for p in value.replace(",", ":").split(":") if p)
+        return value
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def effective_checkpoint_url(self) -> str:
+        return self.checkpoint_url or self.broker_url
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,34 @@
+"""What the upload protocol needs at hand: settings, the checkpoint and the object store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from uploader.bandwidth import TokenBucket
+from uploader.checkpoint import CheckpointStore
+from uploader.config import Settings, get_settings
+from uploader.objectstore import ObjectStore, object_store
+
+
+@dataclass(frozen=True)
+class UploaderContext:
+    settings: Settings
+    checkpoint: CheckpointStore
+    objects: ObjectStore
+    throttle: TokenBucket | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploaderContext:
+        return cls(
+            settings=settings,
+            checkpoint=CheckpointStore.from_url(settings.effective_checkpoint_url, prefix=settings.key_prefix),
+            objects=object_store(settings),
+            throttle=TokenBucket(settings.max_bandwidth) if settings.max_bandwidth else None,
+        )
+
+
+@lru_cache(maxsize=1)
+def default_context() -> UploaderContext:
+    """The process-wide context built from the environment (one Redis pool, one S3 client)."""
+    return UploaderContext.from_settings(get_settings())

@@ -1,0 +1,281 @@
+"""Starting, resuming and cancelling uploads: the coordinator's logic, callable without a broker.
+
+The coordinator never waits on part uploads. It decides *what* to dispatch and hands a
+:class:`Dispatch` to the ``dispatch`` callable it was given (the Celery tasks pass one that sends a
+chord; tests may pass their own). It holds a per-upload dispatch lock while doing so, so that
+duplicate ``start_upload`` messages and concurrent ``resume`` calls dispatch the parts once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from uploader.checkpoint import UploadRecord
+from uploader.context import UploaderContext
+from uploader.errors import (
+    PermanentStoreError,
+    SourceChanged,
+    UploadConflict,
+    UploadNotFound,
+)
+from uploader.objectstore import error_code
+from uploader.planner import PartPlan, plan_parts
+from uploader.request import UploadRequest
+from uploader.sources import Fingerprint, open_source
+
+log = logging.getLogger(__name__)
+
+#: Seconds the dispatch lock is held at most (it is released as soon as dispatching is done).
+DISPATCH_LOCK_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What to send for an upload: part tasks followed by completion, the single PUT, only the
+    completion, or nothing."""
+
+    upload_id: str
+    kind: Literal["parts", "single", "complete", "nothing"]
+    parts: tuple[int, ...] = field(default=())
+    reason: str = ""
+
+
+Dispatcher = Callable[[Dispatch], None]
+
+
+class Coordinator:
+    def __init__(self, ctx: UploaderContext) -> None:
+        self.ctx = ctx
+        self.store = ctx.checkpoint
+        self.objects = ctx.objects
+        self.settings = ctx.settings
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self, request: UploadRequest, dispatch: Dispatcher) -> Dispatch:
+        """Validate the source, plan, create the multipart upload and dispatch every part.
+
+        Raises :class:`~uploader.errors.SourceError`, :class:`~uploader.errors.InvalidRequest` or
+        :class:`~uploader.errors.PermanentStoreError` before anything is left behind. A request
+        whose ``upload_id`` exists already continues that upload (it is a resume), provided it
+        names the same source and destination.
+        """
+        upload_id = request.upload_id
+        assert upload_id is not None, "parse_request fills in the upload id"
+        source = open_source(request.source, self.settings.source_roots)
+        fingerprint = source.fingerprint()
+        plan, mode = self._plan(fingerprint.size, request.part_size)
+        self._check_bucket(request.bucket)
+        created, state = self.store.claim(
+            upload_id,
+            {
+                "source": request.source,
+                "bucket": request.bucket,
+                "key": request.key,
+                "metadata": request.metadata or {},
+                "content_type": request.content_type,
+                "abort_on_failure": request.abort_on_failure,
+                "requested_part_size": request.part_size or 0,
+                **self._plan_fields(plan, mode, fingerprint),
+            },
+        )
+        if not created:
+            existing = self._get(upload_id)
+            if (existing.source, existing.bucket, existing.key) != (request.source, request.bucket, request.key):
+                raise UploadConflict(
+                    f"upload id {upload_id!r} is already used for {existing.source} -> "
+                    f"s3://{existing.bucket}/{existing.key}; choose another upload id"
+                )
+            if existing.state in {"creating", "uploading", "completing"} and (
+                time.time() - existing.updated < self.settings.stall_seconds
+            ):
+                # A duplicate of a request that is making progress: its parts are on their way.
+                return Dispatch(upload_id, "nothing", reason=f"already {existing.state}")
+            return self.resume(upload_id, dispatch)
+        with self._dispatch_lock(upload_id) as locked:
+            assert locked, "a fresh claim has no competing dispatcher"
+            return self._create_and_dispatch(self._get(upload_id), dispatch)
+
+    def _create_and_dispatch(self, record: UploadRecord, dispatch: Dispatcher) -> Dispatch:
+        upload_id = record.upload_id
+        if record.mode == "single":
+            outcome = self.store.attach_multipart(upload_id, "")
+            plan = Dispatch(upload_id, "single") if outcome == "ok" else Dispatch(upload_id, "nothing", reason=outcome)
+        else:
+            try:
+                mpu_id = self.objects.create_multipart_upload(
+                    record.bucket, record.key, metadata=record.metadata, content_type=record.content_type
+                )
+            except PermanentStoreError:
+                self.store.discard(upload_id)  # refused before anything existed: leave nothing
+                raise
+            outcome = self.store.attach_multipart(upload_id, mpu_id)
+            if outcome != "ok":
+                # Cancelled (or taken over) while we created it: ours is an orphan, remove it.
+                self.objects.abort_multipart_upload(record.bucket, record.key, mpu_id)
+                plan = Dispatch(upload_id, "nothing", reason=outcome)
+            else:
+                plan = Dispatch(upload_id, "parts", tuple(range(1, record.part_count + 1)))
+        if plan.kind != "nothing":
+            dispatch(plan)
+        log.info("upload %s: dispatched %s (%d parts)", upload_id, plan.kind, len(plan.parts))
+        return plan
+
+    # -- resume --------------------------------------------------------------------------------
+    def resume(self, upload_id: str, dispatch: Dispatcher, *, restart: bool = False) -> Dispatch:
+        """Continue ``upload_id`` from its checkpoint: re-check the source fingerprint and the
+        server's multipart upload (ListParts is the truth), then dispatch only missing parts.
+
+        Raises :class:`SourceChanged` if the source differs from when the upload began, unless
+        ``restart`` is true: then the old multipart upload is aborted and the upload begins again.
+        A multipart upload the server no longer knows (expired, purged) is replaced cleanly.
+        """
+        with self._dispatch_lock(upload_id) as locked:
+            if not locked:
+                return Dispatch(upload_id, "nothing", reason="another dispatcher is busy with this upload")
+            record = self._get(upload_id)
+            if record.state == "completed":
+                return Dispatch(upload_id, "nothing", reason="already completed")
+            if record.state == "cancelled":
+                raise UploadConflict(f"upload {upload_id} was cancelled; submit it again under a new upload id")
+            if record.state == "creating":
+                if time.time() - record.created < self.settings.completion_lease_seconds:
+                    return Dispatch(upload_id, "nothing", reason="being created")
+                return self._create_and_dispatch(record, dispatch)  # its creator died mid-way
+            fingerprint = open_source(record.source, self.settings.source_roots).fingerprint()
+            if fingerprint != Fingerprint(size=record.size, mtime_ns=record.mtime_ns):
+                if not restart:
+                    message = (
+                        f"source {record.source} changed since upload {upload_id} began "
+                        f"(size {record.size} -> {fingerprint.size}, mtime changed: "
+                        f"{record.mtime_ns != fingerprint.mtime_ns}); nothing was uploaded from the new "
+                        f"version. Resume with restart (CLI: uploader resume {upload_id} --restart) to abort "
+                        "the old multipart upload and upload the file again"
+                    )
+                    self.store.redis.hset(self.store.record_key(upload_id), "error", message)
+                    raise SourceChanged(message)
+                return self._restart(record, fingerprint, dispatch, why="source changed")
+            if record.mode == "single":
+                return self._reopen_and_dispatch(record, dispatch)
+            try:
+                listed = list(self.objects.list_parts(record.bucket, record.key, record.mpu_id))
+            except PermanentStoreError as exc:
+                if error_code(exc) == "NoSuchUpload":
+                    return self._restart(record, fingerprint, dispatch, why="multipart upload gone from the server")
+                raise
+            if restart:
+                return self._restart(record, fingerprint, dispatch, why="restart requested")
+            # A recorded part the server does not hold (with that ETag) must be sent again.
+            held = {(p.part_number, p.etag) for p in listed}
+            lost = [n for n, part in self.store.parts(upload_id).items() if (n, part.etag) not in held]
+            if lost:
+                log.warning("upload %s: %d recorded parts missing on the server: %s", upload_id, len(lost), lost[:20])
+                self.store.forget_parts(upload_id, record.mpu_id, lost)
+            return self._reopen_and_dispatch(record, dispatch)
+
+    def _reopen_and_dispatch(self, record: UploadRecord, dispatch: Dispatcher) -> Dispatch:
+        upload_id = record.upload_id
+        outcome = self.store.reopen(upload_id, record.mpu_id)
+        if outcome != "ok":
+            return Dispatch(upload_id, "nothing", reason=outcome)
+        if record.mode == "single":
+            plan = Dispatch(upload_id, "single")
+        else:
+            missing = self.store.missing_parts(upload_id, record.part_count)
+            plan = Dispatch(upload_id, "parts", tuple(missing)) if missing else Dispatch(upload_id, "complete")
+        dispatch(plan)
+        log.info("upload %s: resumed, dispatched %s (%d parts)", upload_id, plan.kind, len(plan.parts))
+        return plan
+
+    def _restart(self, record: UploadRecord, fingerprint: Fingerprint, dispatch: Dispatcher, *, why: str) -> Dispatch:
+        upload_id = record.upload_id
+        plan, mode = self._plan(fingerprint.size, record.requested_part_size or None)
+        if record.mpu_id:
+            self.objects.abort_multipart_upload(record.bucket, record.key, record.mpu_id)
+        new_mpu = ""
+        if mode == "multipart":
+            new_mpu = self.objects.create_multipart_upload(
+                record.bucket, record.key, metadata=record.metadata, content_type=record.content_type
+            )
+        outcome = self.store.restart(upload_id, record.mpu_id, new_mpu, self._plan_fields(plan, mode, fingerprint))
+        if outcome != "ok":
+            if new_mpu:
+                self.objects.abort_multipart_upload(record.bucket, record.key, new_mpu)
+            raise UploadConflict(f"upload {upload_id} could not restart: it is {outcome}")
+        log.warning("upload %s: restarted (%s)", upload_id, why)
+        result = Dispatch(upload_id, "single") if mode == "single" else Dispatch(
+            upload_id, "parts", tuple(range(1, plan.count + 1))
+        )
+        dispatch(result)
+        return result
+
+    # -- cancel --------------------------------------------------------------------------------
+    def cancel(self, upload_id: str) -> str:
+        """Mark the upload cancelled (parts finishing later cannot resurrect it) and abort its
+        multipart upload. Idempotent. Returns ``"cancelled"`` or ``"already"``."""
+        outcome = self.store.cancel(upload_id, self.settings.retention_seconds)
+        if outcome == "missing":
+            raise UploadNotFound(f"no upload {upload_id!r} (never submitted, refused, or expired)")
+        if outcome in {"completed", "completing"}:
+            raise UploadConflict(f"upload {upload_id} is {outcome}; it is too late to cancel it")
+        record = self._get(upload_id)
+        if record.mpu_id:
+            self.objects.abort_multipart_upload(record.bucket, record.key, record.mpu_id)
+        return outcome
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _get(self, upload_id: str) -> UploadRecord:
+        record = self.store.get(upload_id)
+        if record is None:
+            raise UploadNotFound(f"no upload {upload_id!r} (never submitted, refused, or expired)")
+        return record
+
+    def _plan(self, size: int, part_size: int | None) -> tuple[PartPlan, str]:
+        plan = plan_parts(size, part_size or None, default_part_size=self.settings.default_part_size)
+        mode = "single" if size < self.settings.multipart_threshold else "multipart"
+        if mode == "single":
+            plan = PartPlan(size=size, part_size=max(size, 1), count=1)
+        return plan, mode
+
+    @staticmethod
+    def _plan_fields(plan: PartPlan, mode: str, fingerprint: Fingerprint) -> dict[str, object]:
+        return {
+            "size": fingerprint.size,
+            "mtime_ns": fingerprint.mtime_ns,
+            "part_size": plan.part_size,
+            "part_count": plan.count,
+            "mode": mode,
+        }
+
+    def _check_bucket(self, bucket: str) -> None:
+        try:
+            self.objects.head_bucket(bucket)
+        except PermanentStoreError as exc:
+            # Policies that allow PutObject but not ListBucket answer 403 here: let the upload
+            # itself find out. A missing bucket is refused now, before anything is created.
+            if error_code(exc) == "NoSuchBucket":
+                raise
+
+    def _dispatch_lock(self, upload_id: str) -> _Lock:
+        return _Lock(self, upload_id)
+
+
+class _Lock:
+    def __init__(self, coordinator: Coordinator, upload_id: str) -> None:
+        self.store = coordinator.store
+        self.upload_id = upload_id
+        self.token = uuid.uuid4().hex
+        self.held = False
+
+    def __enter__(self) -> bool:
+        self.held = self.store.try_lock(self.upload_id, "dispatch", self.token, DISPATCH_LOCK_SECONDS)
+        return self.held
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.store.unlock(self.upload_id, "dispatch", self.token)
+

@@ -1,0 +1,48 @@
+"""Exceptions a caller may catch. Every message says what went wrong and what to do about it,
+and never contains credentials.
+
+Each class is a plain ``Exception`` with a single string argument so that Celery's JSON result
+serialisation round-trips it to clients that do not import this package.
+"""
+
+from __future__ import annotations
+
+
+class UploaderError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidRequest(UploaderError, ValueError):
+    """The request is malformed; nothing was created."""
+
+
+class SourceError(UploaderError):
+    """The source cannot be read (missing, a directory, unreadable, outside the allowed roots)."""
+
+
+class SourceChanged(UploaderError):
+    """The source differs from the fingerprint taken when the upload began."""
+
+
+class UploadNotFound(UploaderError):
+    """No checkpoint exists for the upload id (never submitted, rejected, or expired)."""
+
+
+class UploadConflict(UploaderError):
+    """The request contradicts the upload's current state (e.g. resuming a cancelled upload)."""
+
+
+class PermanentStoreError(UploaderError):
+    """The object store refused in a way retrying cannot fix (AccessDenied, NoSuchBucket, ...)."""
+
+
+class TransientStoreError(UploaderError):
+    """The object store or network failed in a way worth retrying (5xx, throttling, resets)."""
+
+
+class UploadFailed(UploaderError):
+    """Raised by ``wait`` when the upload ended ``failed``."""
+
+
+class UploadCancelled(UploaderError):
+    """Raised by ``wait`` when the upload was cancelled."""

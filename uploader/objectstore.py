@@ -1,0 +1,250 @@
+"""The object store adapter: every boto3 call the uploader makes, with retry classification.
+
+Callers see :class:`TransientStoreError` (worth retrying) or :class:`PermanentStoreError`
+(retrying cannot help), each with the S3 error ``code`` and a message free of credentials.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+from uploader.checksums import crc32_b64, md5_b64
+from uploader.config import Settings
+from uploader.errors import PermanentStoreError, TransientStoreError
+
+#: S3 error codes that a later attempt can succeed on.
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "BadDigest",  # the body was damaged in transit; sending it again fixes it
+        "IncompleteBody",
+        "OperationAborted",
+    }
+)
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    """What the server acknowledged for one part."""
+
+    etag: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class ListedPart:
+    part_number: int
+    etag: str
+    size: int
+
+
+def store_error(exc: Exception, action: str) -> TransientStoreError | PermanentStoreError:
+    """Classify a boto3/botocore exception raised while doing ``action``."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = error.get("Message") or code
+        text = f"{action} failed: {code}: {message}"
+        transient = code in TRANSIENT_CODES or status >= 500 or status == 429
+        err: TransientStoreError | PermanentStoreError = (
+            TransientStoreError(text) if transient else PermanentStoreError(text + _advice(code))
+        )
+        err.code = code  # type: ignore[attr-defined]
+        return err
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+        err = TransientStoreError(f"{action} failed: {type(exc).__name__}: {exc}")
+        err.code = type(exc).__name__  # type: ignore[attr-defined]
+        return err
+    if isinstance(exc, BotoCoreError):
+        # NoCredentialsError, ParamValidationError and friends: configuration, not luck.
+        err = PermanentStoreError(f"{action} failed: {type(exc).__name__}: {exc}")
+        err.code = type(exc).__name__  # type: ignore[attr-defined]
+        return err
+    raise exc
+
+
+def _advice(code: str) -> str:
+    return {
+        "NoSuchBucket": " (create the bucket first, or check the bucket name)",
+        "AccessDenied": " (check the workers' AWS credentials and the bucket policy)",
+        "InvalidAccessKeyId": " (check the workers' AWS credentials)",
+        "SignatureDoesNotMatch": " (check the workers' AWS secret key)",
+        "NoSuchUpload": " (the multipart upload was aborted or expired on the server)",
+    }.get(code, "")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The S3 error code a classified store error carries, if any."""
+    return getattr(exc, "code", None)
+
+
+class ObjectStore:
+    """One boto3 S3 client configured for speed and compatibility, shared by a process's threads
+    (boto3 clients are thread-safe)."""
+
+    def __init__(self, settings: Settings, client: Any | None = None) -> None:
+        self.settings = settings
+        self.checksum = settings.part_checksum
+        self.client = client or boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            config=Config(
+                # boto3 >= 1.36 adds CRC32 trailers to every request by default; OSS and others
+                # reject them, and we send our own per-part checksum anyway.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                # Over plain HTTP botocore would SHA-256 every byte to sign it: a second hash
+                # of the body that the part checksum already covers.
+                s3={"addressing_style": settings.s3_addressing_style, "payload_signing_enabled": False},
+                max_pool_connections=max(10, settings.worker_concurrency * 2),
+                retries={"mode": "standard", "max_attempts": 3},
+                connect_timeout=10,
+                read_timeout=120,
+            ),
+        )
+
+    def _call(self, action: str, method: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, method)(**kwargs)
+        except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as exc:
+            raise store_error(exc, action) from None
+
+    def _checksum_args(self, data: bytes) -> tuple[dict[str, str], str]:
+        if self.checksum == "crc32":
+            value = crc32_b64(data)
+            return {"ChecksumCRC32": value}, value
+        value = md5_b64(data)
+        return {"ContentMD5": value}, value
+
+    def create_multipart_upload(
+        self, bucket: str, key: str, *, metadata: dict[str, str] | None, content_type: str | None
+    ) -> str:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Metadata": metadata or {}}
+        if content_type:
+            kwargs["ContentType"] = content_type
+        if self.checksum == "crc32":
+            kwargs["ChecksumAlgorithm"] = "CRC32"
+        return self._call(f"CreateMultipartUpload s3://{bucket}/{key}", "create_multipart_upload", **kwargs)["UploadId"]
+
+    def upload_part(self, bucket: str, key: str, mpu_id: str, part_number: int, data: bytes) -> UploadedPart:
+        checksum_args, checksum = self._checksum_args(data)
+        response = self._call(
+            f"UploadPart {part_number} of s3://{bucket}/{key}",
+            "upload_part",
+            Bucket=bucket,
+            Key=key,
+            UploadId=mpu_id,
+            PartNumber=part_number,
+            Body=data,
+            **checksum_args,
+        )
+        return UploadedPart(etag=response["ETag"], checksum=checksum)
+
+    def complete_multipart_upload(
+        self, bucket: str, key: str, mpu_id: str, parts: list[tuple[int, UploadedPart]]
+    ) -> dict[str, Any]:
+        """Complete with exactly the recorded parts, sorted by part number (some servers reject
+        any other order, and ListParts may list a part number twice)."""
+        listed = []
+        for number, part in sorted(parts, key=lambda p: p[0]):
+            entry: dict[str, Any] = {"PartNumber": number, "ETag": part.etag}
+            if self.checksum == "crc32":
+                entry["ChecksumCRC32"] = part.checksum
+            listed.append(entry)
+        return self._call(
+            f"CompleteMultipartUpload s3://{bucket}/{key}",
+            "complete_multipart_upload",
+            Bucket=bucket,
+            Key=key,
+            UploadId=mpu_id,
+            MultipartUpload={"Parts": listed},
+        )
+
+    def abort_multipart_upload(self, bucket: str, key: str, mpu_id: str) -> bool:
+        """Abort; ``False`` if the server no longer knows the upload (already aborted/completed)."""
+        try:
+            self._call(
+                f"AbortMultipartUpload s3://{bucket}/{key}", "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=mpu_id
+            )
+        except PermanentStoreError as exc:
+            if error_code(exc) == "NoSuchUpload":
+                return False
+            raise
+        return True
+
+    def list_parts(self, bucket: str, key: str, mpu_id: str) -> Iterator[ListedPart]:
+        """Every part the server holds; a part number may appear more than once on some servers."""
+        marker = 0
+        while True:
+            response = self._call(
+                f"ListParts s3://{bucket}/{key}",
+                "list_parts",
+                Bucket=bucket,
+                Key=key,
+                UploadId=mpu_id,
+                PartNumberMarker=marker,
+                MaxParts=1000,
+            )
+            for part in response.get("Parts", []):
+                yield ListedPart(part_number=part["PartNumber"], etag=part["ETag"], size=part["Size"])
+            if not response.get("IsTruncated"):
+                return
+            next_marker = int(response.get("NextPartNumberMarker") or 0)
+            if next_marker <= marker:
+                return
+            marker = next_marker
+
+    def put_object(
+        self, bucket: str, key: str, data: bytes, *, metadata: dict[str, str] | None, content_type: str | None
+    ) -> dict[str, Any]:
+        """Single PUT with Content-MD5, so the returned ETag is the MD5 the server verified."""
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data, "Metadata": metadata or {}}
+        kwargs["ContentMD5"] = md5_b64(data)
+        if content_type:
+            kwargs["ContentType"] = content_type
+        response = self._call(f"PutObject s3://{bucket}/{key}", "put_object", **kwargs)
+        response["ContentMD5"] = kwargs["ContentMD5"]
+        return response
+
+    def head_object(self, bucket: str, key: str) -> dict[str, Any]:
+        return self._call(f"HeadObject s3://{bucket}/{key}", "head_object", Bucket=bucket, Key=key)
+
+    def head_bucket(self, bucket: str) -> None:
+        try:
+            self._call(f"HeadBucket s3://{bucket}", "head_bucket", Bucket=bucket)
+        except PermanentStoreError as exc:
+            if error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                exc.args = (f"bucket {bucket!r} does not exist (create it first, or check the name)",)
+                exc.code = "NoSuchBucket"  # type: ignore[attr-defined]
+            raise
+
+
+_local = threading.local()
+_shared: dict[tuple[Any, ...], ObjectStore] = {}
+_shared_lock = threading.Lock()
+
+
+def object_store(settings: Settings) -> ObjectStore:
+    """The process's shared :class:`ObjectStore` for ``settings`` (created once, then reused:
+    a new boto3 client costs ~10 ms and its own connection pool)."""
+    key = (settings.s3_endpoint_url, settings.s3_region, settings.s3_addressing_style, settings.part_checksum)
+    with _shared_lock:
+        store = _shared.get(key)
+        if store is None:
+            store = _shared[key] = ObjectStore(settings)
+        return store

@@ -1,0 +1,115 @@
+"""Part planning within S3's multipart limits. Pure functions, no I/O.
+
+S3 (and every compatible server we target) requires every part but the last to be between
+5 MiB and 5 GiB, and allows at most 10,000 parts. The last part may be smaller, down to 0 bytes
+only when it is the only part.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from uploader.errors import InvalidRequest
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+#: Smallest part S3 accepts (except the last one).
+MIN_PART_SIZE = 5 * MiB
+#: Largest part S3 accepts.
+MAX_PART_SIZE = 5 * GiB
+#: Most parts one multipart upload may have.
+MAX_PARTS = 10_000
+#: Largest object a multipart upload can produce.
+MAX_OBJECT_SIZE = 5 * TiB
+#: Part size used when the caller names none.
+DEFAULT_PART_SIZE = 8 * MiB
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """How a source of ``size`` bytes is cut: parts ``1..count`` of ``part_size`` bytes, the last
+    one ``last_part_size`` bytes."""
+
+    size: int
+    part_size: int
+    count: int
+
+    @property
+    def last_part_size(self) -> int:
+        return self.size - self.part_size * (self.count - 1)
+
+    def part_range(self, part_number: int) -> tuple[int, int]:
+        """``(offset, length)`` of part ``part_number`` (1-based) in the source."""
+        if not 1 <= part_number <= self.count:
+            raise ValueError(f"part {part_number} is outside 1..{self.count}")
+        offset = (part_number - 1) * self.part_size
+        return offset, min(self.part_size, self.size - offset)
+
+
+def plan_parts(size: int, part_size: int | None = None, *, default_part_size: int = DEFAULT_PART_SIZE) -> PartPlan:
+    """Cut ``size`` bytes into parts.
+
+    With an explicit ``part_size`` the plan uses it exactly, or raises :class:`InvalidRequest`
+    when it is outside 5 MiB..5 GiB or would need more than 10,000 parts. Without one, the
+    default is grown (to whole MiB) until the upload fits in 10,000 parts.
+    """
+    if size < 0:
+        raise InvalidRequest(f"source size must not be negative, got {size}")
+    if size > MAX_OBJECT_SIZE:
+        raise InvalidRequest(f"source is {size} bytes; S3 objects are limited to 5 TiB ({MAX_OBJECT_SIZE} bytes)")
+    if part_size is not None:
+        validate_part_size(part_size)
+        count = max(1, -(-size // part_size))
+        if count > MAX_PARTS:
+            smallest = -(-size // MAX_PARTS)
+            raise InvalidRequest(
+                f"part size {format_size(part_size)} would need {count} parts for {format_size(size)}; "
+                f"S3 allows at most {MAX_PARTS}: use a part size of at least {format_size(smallest)}"
+            )
+        return PartPlan(size=size, part_size=part_size, count=count)
+    chosen = min(max(default_part_size, MIN_PART_SIZE), MAX_PART_SIZE)
+    if -(-size // chosen) > MAX_PARTS:
+        chosen = -(-(-(-size // MAX_PARTS)) // MiB) * MiB  # smallest whole-MiB size that fits
+    return PartPlan(size=size, part_size=chosen, count=max(1, -(-size // chosen)))
+
+
+def validate_part_size(part_size: int) -> None:
+    """Raise :class:`InvalidRequest` unless ``part_size`` is an int within 5 MiB..5 GiB."""
+    if isinstance(part_size, bool) or not isinstance(part_size, int):
+        raise InvalidRequest(f"part size must be a whole number of bytes, got {part_size!r}")
+    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+        raise InvalidRequest(
+            f"part size {format_size(part_size)} is outside S3's limits of 5 MiB..5 GiB per part"
+        )
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``"16MiB"``, ``"16M"``, ``"8388608"`` into bytes. Units are binary (1 M = 1 MiB)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise InvalidRequest(f"cannot read {text!r} as a size; write e.g. 16MiB or 8388608")
+    number, unit = match.groups()
+    value = float(number) * _UNITS[(unit or "").lower()[:1]]
+    if value != int(value):
+        raise InvalidRequest(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(size: int) -> str:
+    """Human-readable binary size: ``8.0 MiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,113 @@
+"""Moving bytes: one part of a multipart upload, or a whole small object in one PUT.
+
+Both are idempotent under duplicate delivery: a part already in the checkpoint is not sent
+again, and a part sent to an older attempt's multipart upload is fenced out when recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from uploader.checksums import md5_b64_to_etag
+from uploader.context import UploaderContext
+from uploader.errors import PermanentStoreError, SourceChanged, SourceError, UploaderError
+from uploader.planner import PartPlan
+from uploader.sources import Fingerprint, open_source
+from uploader.completion import mark_failed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    """``recorded``, ``duplicate``, ``already-recorded``, ``fenced``, or ``inactive:<state>``."""
+
+    outcome: str
+    bytes_sent: int = 0
+
+
+def upload_part(ctx: UploaderContext, upload_id: str, part_number: int) -> PartOutcome:
+    """Send part ``part_number`` of ``upload_id`` unless it is recorded or the upload is no longer
+    ``uploading``, and record what the server acknowledged.
+
+    Raises :class:`~uploader.errors.TransientStoreError` for the caller to retry. Permanent
+    problems (source changed or unreadable, AccessDenied, NoSuchUpload...) mark the upload
+    ``failed`` with the reason and are re-raised.
+    """
+    store = ctx.checkpoint
+    record = store.get(upload_id)
+    if record is None:
+        return PartOutcome("inactive:missing")
+    if record.state != "uploading":
+        return PartOutcome(f"inactive:{record.state}")
+    offset, length = PartPlan(record.size, record.part_size, record.part_count).part_range(part_number)
+    verdict, mpu_id = store.begin_part(upload_id, part_number, length)
+    if verdict == "recorded":
+        return PartOutcome("already-recorded")
+    if verdict != "send":
+        return PartOutcome(f"inactive:{mpu_id}")
+    try:
+        source = open_source(record.source, ctx.settings.source_roots)
+        data = source.read_range(offset, length, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))
+    except (SourceError, SourceChanged) as exc:
+        fail_permanently(ctx, upload_id, f"part {part_number}: {exc}")
+        raise
+    if ctx.throttle is not None:
+        ctx.throttle.acquire(length)
+    try:
+        uploaded = ctx.objects.upload_part(record.bucket, record.key, mpu_id, part_number, data)
+    except PermanentStoreError as exc:
+        current = store.get(upload_id)
+        if current is None or current.state != "uploading" or current.mpu_id != mpu_id:
+            # Cancelled or restarted while we were sending: the server dropped the old upload.
+            return PartOutcome(f"inactive:{current.state if current else 'missing'}", length)
+        fail_permanently(ctx, upload_id, f"part {part_number}: {exc}")
+        raise
+    outcome = store.record_part(upload_id, mpu_id, part_number, uploaded, length)
+    return PartOutcome(outcome, length)
+
+
+def put_single(ctx: UploaderContext, upload_id: str, token: str) -> str:
+    """Upload a small source with one PutObject (Content-MD5 verified by the server), check the
+    stored ETag, and mark the upload completed. Returns the completion outcome
+    (``completed``, ``done``, ``busy``, ``inactive:<state>``)."""
+    store = ctx.checkpoint
+    verdict = store.begin_completion(upload_id, token, ctx.settings.completion_lease_seconds)
+    if verdict != "go":
+        return verdict
+    record = store.get(upload_id)
+    assert record is not None
+    try:
+        source = open_source(record.source, ctx.settings.source_roots)
+        data = source.read_range(0, record.size, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))
+        store.redis.hincrby(store.record_key(upload_id), "bytes_sent", len(data))
+        response = ctx.objects.put_object(
+            record.bucket, record.key, data, metadata=record.metadata, content_type=record.content_type
+        )
+    except (SourceError, SourceChanged, PermanentStoreError) as exc:
+        fail_permanently(ctx, upload_id, str(exc))
+        raise
+    expected = md5_b64_to_etag(response["ContentMD5"])
+    head = ctx.objects.head_object(record.bucket, record.key)
+    problems = []
+    if head["ContentLength"] != record.size:
+        problems.append(f"stored size {head['ContentLength']} != source size {record.size}")
+    if head.get("ETag") != expected:
+        problems.append(f"stored ETag {head.get('ETag')} != MD5 of the source {expected}")
+    if problems:
+        fail_permanently(ctx, upload_id, "verification failed: " + "; ".join(problems))
+        raise UploaderError(f"upload {upload_id}: verification failed: " + "; ".join(problems))
+    store.mark_completed(
+        upload_id,
+        token,
+        ctx.settings.retention_seconds,
+        {"final_etag": head.get("ETag", ""), "verified": "size+md5", "parts_done": 1, "bytes_done": record.size},
+    )
+    return "completed"
+
+
+def fail_permanently(ctx: UploaderContext, upload_id: str, reason: str) -> None:
+    """Mark the upload failed now (other parts stop at their next check)."""
+    log.error("upload %s failed: %s", upload_id, reason)
+    mark_failed(ctx, upload_id, reason)

@@ -1,0 +1,115 @@
+"""Thin Celery tasks: each turns a message (ids and numbers) into one library call.
+
+The logic lives in :mod:`uploader.coordinator`, :mod:`uploader.transfer` and
+:mod:`uploader.completion`, which run without a broker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import chord, group
+from celery.utils.log import get_task_logger
+from celery.utils.time import get_exponential_backoff_interval
+
+from uploader import completion, contract, transfer
+from uploader.context import default_context
+from uploader.coordinator import Coordinator, Dispatch
+from uploader.errors import TransientStoreError
+from uploader.request import parse_request
+from workers.app import app
+
+log = get_task_logger(__name__)
+
+
+def dispatch(plan: Dispatch) -> None:
+    """Send what the coordinator decided. Part messages carry the upload id and part number only;
+    the plan itself is in the checkpoint."""
+    upload_id = plan.upload_id
+    if plan.kind == "parts":
+        body = complete_upload.si(upload_id=upload_id).on_error(upload_failed.s(upload_id=upload_id))
+        header = group(upload_part.si(upload_id=upload_id, part_number=n) for n in plan.parts)
+        chord(header, body).apply_async()
+    elif plan.kind == "single":
+        put_object.si(upload_id=upload_id).apply_async()
+    elif plan.kind == "complete":
+        complete_upload.si(upload_id=upload_id).apply_async()
+
+
+def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str) -> None:
+    """Retry ``task`` with exponential backoff and full jitter, or fail the upload once the
+    configured retries are spent."""
+    settings = default_context().settings
+    retries = task.request.retries
+    if retries >= settings.part_max_retries:
+        completion.mark_failed(default_context(), upload_id, f"{what} failed after {retries + 1} attempts: {exc}")
+        raise exc
+    countdown = get_exponential_backoff_interval(
+        factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
+    )
+    log.warning("upload %s: %s: %s; retry %d in %ds", upload_id, what, exc, retries + 1, countdown)
+    raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+
+
+@app.task(name=contract.START_UPLOAD, bind=True)
+def start_upload(self: Any, **request: Any) -> str:
+    parsed = parse_request(request)
+    assert parsed.upload_id is not None
+    try:
+        Coordinator(default_context()).start(parsed, dispatch)
+    except TransientStoreError as exc:
+        _retry_or_fail(self, exc, parsed.upload_id, "starting the upload")
+    return parsed.upload_id
+
+
+@app.task(name=contract.RESUME_UPLOAD, bind=True)
+def resume_upload(self: Any, upload_id: str, restart: bool = False) -> dict[str, Any]:
+    try:
+        plan = Coordinator(default_context()).resume(upload_id, dispatch, restart=restart)
+    except TransientStoreError as exc:
+        _retry_or_fail(self, exc, upload_id, "resuming the upload")
+    return {"upload_id": upload_id, "dispatched": plan.kind, "parts": len(plan.parts), "reason": plan.reason}
+
+
+@app.task(name=contract.CANCEL_UPLOAD)
+def cancel_upload(upload_id: str) -> str:
+    return Coordinator(default_context()).cancel(upload_id)
+
+
+@app.task(name=contract.UPLOAD_PART, bind=True)
+def upload_part(self: Any, upload_id: str, part_number: int) -> str:
+    try:
+        return transfer.upload_part(default_context(), upload_id, part_number).outcome
+    except TransientStoreError as exc:
+        _retry_or_fail(self, exc, upload_id, f"part {part_number}")
+        raise  # unreachable: _retry_or_fail always raises
+
+
+@app.task(name=contract.PUT_OBJECT, bind=True)
+def put_object(self: Any, upload_id: str) -> str:
+    try:
+        return transfer.put_single(default_context(), upload_id, token=self.request.id)
+    except TransientStoreError as exc:
+        _retry_or_fail(self, exc, upload_id, "PutObject")
+        raise
+
+
+@app.task(name=contract.COMPLETE_UPLOAD, bind=True)
+def complete_upload(self: Any, upload_id: str) -> str:
+    try:
+        outcome, missing = completion.complete_upload(default_context(), upload_id, token=self.request.id)
+    except TransientStoreError as exc:
+        _retry_or_fail(self, exc, upload_id, "CompleteMultipartUpload")
+        raise
+    if missing:
+        # The chord fired early (a redelivered part can do that): finish the parts first.
+        dispatch(Dispatch(upload_id, "parts", tuple(missing)))
+    return outcome
+
+
+@app.task(name=contract.UPLOAD_FAILED)
+def upload_failed(failed_task_id: str, upload_id: str) -> bool:
+    """Chord errback: a part or the completion failed in a way the tasks did not handle."""
+    result = app.AsyncResult(failed_task_id)
+    reason = f"task {failed_task_id} failed: {result.result!r}" if result.failed() else f"task {failed_task_id} failed"
+    return completion.mark_failed(default_context(), upload_id, reason)
