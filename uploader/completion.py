@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 from uploader.checksums import multipart_etag
 from uploader.context import UploaderContext
@@ -21,24 +22,44 @@ log = logging.getLogger(__name__)
 _MULTIPART_ETAG = re.compile(r'^"[0-9a-f]{32}-\d+"$')
 
 
-def complete_upload(ctx: UploaderContext, upload_id: str, token: str) -> tuple[str, list[int]]:
+@dataclass(frozen=True)
+class CompletionOutcome:
+    """``completed``; ``redispatch`` (send ``parts`` under ``generation``, then complete);
+    ``wait`` (the missing parts are in flight on live workers: try again later); or a no-op
+    verdict: ``stale``, ``busy``, ``done``, ``inactive:<state>``."""
+
+    verdict: str
+    parts: tuple[int, ...] = ()
+    generation: int = 0
+
+
+def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token: str) -> CompletionOutcome:
     """Complete ``upload_id`` if every part is recorded.
 
-    ``token`` identifies this completer (the task id: stable across its retries). Returns
-    ``("completed", [])``, ``("missing", parts)`` when the caller must dispatch ``parts`` again
-    and complete afterwards, or ``(verdict, [])`` for ``busy``/``done``/``inactive:<state>``.
+    ``generation`` is the dispatch this trigger belongs to (older triggers are no-ops);
+    ``token`` identifies this completer (the task id: stable across its retries).
     Transient store errors propagate for the caller to retry under the same token.
     """
     store = ctx.checkpoint
+    record = store.get(upload_id)
+    if record is None:
+        return CompletionOutcome("inactive:missing")
+    if generation < record.generation:
+        return CompletionOutcome("stale")
     verdict = store.begin_completion(upload_id, token, ctx.settings.completion_lease_seconds)
     if verdict == "missing":
-        record = store.get(upload_id)
-        assert record is not None
-        missing = store.missing_parts(upload_id, record.part_count)
-        log.warning("upload %s: completion triggered with %d parts missing; dispatching them again", upload_id, len(missing))
-        return "missing", missing
+        unleased, leased = store.missing_parts(upload_id, record.part_count)
+        if not unleased:
+            return CompletionOutcome("wait", tuple(leased), generation)
+        new_generation = store.next_generation(upload_id, generation)
+        if not new_generation:
+            return CompletionOutcome("stale")
+        log.warning(
+            "upload %s: completion triggered with %d parts missing; dispatching them again", upload_id, len(unleased)
+        )
+        return CompletionOutcome("redispatch", tuple(unleased), new_generation)
     if verdict != "go":
-        return verdict, []
+        return CompletionOutcome(verdict)
     record = store.get(upload_id)
     assert record is not None
     parts = store.parts(upload_id)
@@ -75,7 +96,7 @@ def complete_upload(ctx: UploaderContext, upload_id: str, token: str) -> tuple[s
         upload_id, token, ctx.settings.retention_seconds, {"final_etag": stored_etag, "verified": verified}
     )
     log.info("upload %s: completed (%s, %s)", upload_id, stored_etag, verified)
-    return ("completed" if outcome == "ok" else outcome), []
+    return CompletionOutcome("completed" if outcome == "ok" else outcome)
 
 
 def mark_failed(ctx: UploaderContext, upload_id: str, reason: str) -> bool:

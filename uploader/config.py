@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     #: Seconds without recorded progress after which an ``uploading`` upload counts as stalled
     #: (a duplicate ``start_upload`` then resumes it instead of being ignored).
     stall_seconds: int = Field(120, ge=1)
+    #: Seconds a worker's heartbeat lives; a killed worker's in-flight parts are dispatched
+    #: again once it lapses.
+    worker_heartbeat_seconds: int = Field(15, ge=1)
     #: Bytes per second one worker process may send (0 = unlimited).
     max_bandwidth: int = Field(0, ge=0)
     #: Threads per worker process (also the S3 connection pool size).

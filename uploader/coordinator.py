@@ -42,6 +42,8 @@ class Dispatch:
     upload_id: str
     kind: Literal["parts", "single", "complete", "nothing"]
     parts: tuple[int, ...] = field(default=())
+    #: Messages of older generations are skipped: whatever they carried was dispatched again.
+    generation: int = 0
     reason: str = ""
 
 
@@ -104,7 +106,11 @@ class Coordinator:
         upload_id = record.upload_id
         if record.mode == "single":
             outcome = self.store.attach_multipart(upload_id, "")
-            plan = Dispatch(upload_id, "single") if outcome == "ok" else Dispatch(upload_id, "nothing", reason=outcome)
+            plan = (
+                Dispatch(upload_id, "single", generation=record.generation)
+                if outcome == "ok"
+                else Dispatch(upload_id, "nothing", reason=outcome)
+            )
         else:
             try:
                 mpu_id = self.objects.create_multipart_upload(
@@ -119,7 +125,7 @@ class Coordinator:
                 self.objects.abort_multipart_upload(record.bucket, record.key, mpu_id)
                 plan = Dispatch(upload_id, "nothing", reason=outcome)
             else:
-                plan = Dispatch(upload_id, "parts", tuple(range(1, record.part_count + 1)))
+                plan = Dispatch(upload_id, "parts", tuple(range(1, record.part_count + 1)), record.generation)
         if plan.kind != "nothing":
             dispatch(plan)
         log.info("upload %s: dispatched %s (%d parts)", upload_id, plan.kind, len(plan.parts))
@@ -179,14 +185,19 @@ class Coordinator:
 
     def _reopen_and_dispatch(self, record: UploadRecord, dispatch: Dispatcher) -> Dispatch:
         upload_id = record.upload_id
-        outcome = self.store.reopen(upload_id, record.mpu_id)
-        if outcome != "ok":
-            return Dispatch(upload_id, "nothing", reason=outcome)
+        generation = self.store.reopen(upload_id, record.mpu_id)
+        if not isinstance(generation, int):
+            return Dispatch(upload_id, "nothing", reason=generation)
         if record.mode == "single":
-            plan = Dispatch(upload_id, "single")
+            plan = Dispatch(upload_id, "single", generation=generation)
         else:
-            missing = self.store.missing_parts(upload_id, record.part_count)
-            plan = Dispatch(upload_id, "parts", tuple(missing)) if missing else Dispatch(upload_id, "complete")
+            # Parts a live worker is sending are left to it; the completion picks up any whose
+            # worker dies before recording them.
+            unleased, leased = self.store.missing_parts(upload_id, record.part_count)
+            if unleased:
+                plan = Dispatch(upload_id, "parts", tuple(unleased), generation)
+            else:
+                plan = Dispatch(upload_id, "complete", generation=generation, reason=f"{len(leased)} parts in flight")
         dispatch(plan)
         log.info("upload %s: resumed, dispatched %s (%d parts)", upload_id, plan.kind, len(plan.parts))
         return plan
@@ -201,14 +212,16 @@ class Coordinator:
             new_mpu = self.objects.create_multipart_upload(
                 record.bucket, record.key, metadata=record.metadata, content_type=record.content_type
             )
-        outcome = self.store.restart(upload_id, record.mpu_id, new_mpu, self._plan_fields(plan, mode, fingerprint))
-        if outcome != "ok":
+        generation = self.store.restart(upload_id, record.mpu_id, new_mpu, self._plan_fields(plan, mode, fingerprint))
+        if not isinstance(generation, int):
             if new_mpu:
                 self.objects.abort_multipart_upload(record.bucket, record.key, new_mpu)
-            raise UploadConflict(f"upload {upload_id} could not restart: it is {outcome}")
+            raise UploadConflict(f"upload {upload_id} could not restart: it is {generation}")
         log.warning("upload %s: restarted (%s)", upload_id, why)
-        result = Dispatch(upload_id, "single") if mode == "single" else Dispatch(
-            upload_id, "parts", tuple(range(1, plan.count + 1))
+        result = (
+            Dispatch(upload_id, "single", generation=generation)
+            if mode == "single"
+            else Dispatch(upload_id, "parts", tuple(range(1, plan.count + 1)), generation)
         )
         dispatch(result)
         return result

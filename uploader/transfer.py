@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from uploader.checkpoint import UploadRecord
 from uploader.checksums import md5_b64_to_etag
 from uploader.context import UploaderContext
 from uploader.errors import PermanentStoreError, SourceChanged, SourceError, UploaderError
@@ -21,15 +22,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PartOutcome:
-    """``recorded``, ``duplicate``, ``already-recorded``, ``fenced``, or ``inactive:<state>``."""
+    """``recorded``, ``last`` (recorded, and every part now is: complete the upload),
+    ``duplicate``, ``already-recorded``, ``stale``, ``fenced``, or ``inactive:<state>``."""
 
     outcome: str
     bytes_sent: int = 0
 
 
-def upload_part(ctx: UploaderContext, upload_id: str, part_number: int) -> PartOutcome:
-    """Send part ``part_number`` of ``upload_id`` unless it is recorded or the upload is no longer
-    ``uploading``, and record what the server acknowledged.
+def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generation: int, owner: str) -> PartOutcome:
+    """Send part ``part_number`` of ``upload_id`` unless it is recorded, the upload is no longer
+    ``uploading``, or a newer dispatch (``generation``) superseded this one; record what the
+    server acknowledged. While sending, the part is leased to ``owner`` (a worker name whose
+    heartbeat keeps the lease alive), so a resume does not send it a second time.
 
     Raises :class:`~uploader.errors.TransientStoreError` for the caller to retry. Permanent
     problems (source changed or unreadable, AccessDenied, NoSuchUpload...) mark the upload
@@ -42,11 +46,23 @@ def upload_part(ctx: UploaderContext, upload_id: str, part_number: int) -> PartO
     if record.state != "uploading":
         return PartOutcome(f"inactive:{record.state}")
     offset, length = PartPlan(record.size, record.part_size, record.part_count).part_range(part_number)
-    verdict, mpu_id = store.begin_part(upload_id, part_number, length)
+    verdict, mpu_id = store.begin_part(upload_id, part_number, length, generation, owner)
     if verdict == "recorded":
         return PartOutcome("already-recorded")
+    if verdict == "stale":
+        return PartOutcome("stale")
     if verdict != "send":
         return PartOutcome(f"inactive:{mpu_id}")
+    try:
+        return _send_part(ctx, record, part_number, offset, length, mpu_id)
+    except BaseException:
+        store.release_part(upload_id, part_number, owner)  # a retry or resume takes it over
+        raise
+
+
+def _send_part(ctx: UploaderContext, record: UploadRecord, part_number: int, offset: int, length: int, mpu_id: str) -> PartOutcome:
+    store = ctx.checkpoint
+    upload_id = record.upload_id
     try:
         source = open_source(record.source, ctx.settings.source_roots)
         data = source.read_range(offset, length, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))

@@ -8,10 +8,15 @@ the parts it was sending.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
 
 from uploader.config import get_settings
+from uploader.context import default_context
 from uploader.contract import celery_config
+from uploader.heartbeat import Heartbeat
 
 settings = get_settings()
 
@@ -31,3 +36,21 @@ app.conf.update(
     worker_pool="threads",
     worker_hijack_root_logger=False,
 )
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@worker_ready.connect
+def start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Lease in-flight parts to this worker for as long as it lives."""
+    global _heartbeat
+    _heartbeat = Heartbeat(default_context().checkpoint, sender.hostname, settings.worker_heartbeat_seconds)
+    _heartbeat.beat()  # alive before the first part is taken
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

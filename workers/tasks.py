@@ -25,15 +25,19 @@ log = get_task_logger(__name__)
 def dispatch(plan: Dispatch) -> None:
     """Send what the coordinator decided. Part messages carry the upload id and part number only;
     the plan itself is in the checkpoint."""
-    upload_id = plan.upload_id
+    upload_id, generation = plan.upload_id, plan.generation
     if plan.kind == "parts":
-        body = complete_upload.si(upload_id=upload_id).on_error(upload_failed.s(upload_id=upload_id))
-        header = group(upload_part.si(upload_id=upload_id, part_number=n) for n in plan.parts)
+        body = complete_upload.si(upload_id=upload_id, generation=generation).on_error(
+            upload_failed.s(upload_id=upload_id)
+        )
+        header = group(
+            upload_part.si(upload_id=upload_id, part_number=n, generation=generation) for n in plan.parts
+        )
         chord(header, body).apply_async()
     elif plan.kind == "single":
         put_object.si(upload_id=upload_id).apply_async()
     elif plan.kind == "complete":
-        complete_upload.si(upload_id=upload_id).apply_async()
+        complete_upload.si(upload_id=upload_id, generation=generation).apply_async()
 
 
 def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str) -> None:
@@ -77,12 +81,20 @@ def cancel_upload(upload_id: str) -> str:
 
 
 @app.task(name=contract.UPLOAD_PART, bind=True)
-def upload_part(self: Any, upload_id: str, part_number: int) -> str:
+def upload_part(self: Any, upload_id: str, part_number: int, generation: int) -> str:
+    ctx = default_context()
     try:
-        return transfer.upload_part(default_context(), upload_id, part_number).outcome
+        outcome = transfer.upload_part(ctx, upload_id, part_number, generation, self.request.hostname or "")
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, f"part {part_number}")
         raise  # unreachable: _retry_or_fail always raises
+    if outcome.outcome == "last":
+        # Every part is recorded: complete now rather than wait for the chord, which may belong
+        # to an older dispatch or never fire (a part of it was lost with its worker).
+        record = ctx.checkpoint.get(upload_id)
+        if record is not None:
+            complete_upload.si(upload_id=upload_id, generation=record.generation).apply_async()
+    return outcome.outcome
 
 
 @app.task(name=contract.PUT_OBJECT, bind=True)
@@ -95,16 +107,22 @@ def put_object(self: Any, upload_id: str) -> str:
 
 
 @app.task(name=contract.COMPLETE_UPLOAD, bind=True)
-def complete_upload(self: Any, upload_id: str) -> str:
+def complete_upload(self: Any, upload_id: str, generation: int) -> str:
+    ctx = default_context()
     try:
-        outcome, missing = completion.complete_upload(default_context(), upload_id, token=self.request.id)
+        outcome = completion.complete_upload(ctx, upload_id, generation, token=self.request.id)
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, "CompleteMultipartUpload")
         raise
-    if missing:
-        # The chord fired early (a redelivered part can do that): finish the parts first.
-        dispatch(Dispatch(upload_id, "parts", tuple(missing)))
-    return outcome
+    if outcome.verdict == "redispatch":
+        # The trigger fired with parts missing (a redelivered part can fire a chord early, and a
+        # killed worker's parts never report): send them again, complete afterwards.
+        dispatch(Dispatch(upload_id, "parts", outcome.parts, outcome.generation))
+    elif outcome.verdict == "wait":
+        # Only parts leased to live workers are missing: they will record and trigger completion;
+        # look again once a lease could have lapsed, in case their worker dies first.
+        raise self.retry(countdown=ctx.settings.worker_heartbeat_seconds, max_retries=None)
+    return outcome.verdict
 
 
 @app.task(name=contract.UPLOAD_FAILED)

@@ -60,6 +60,7 @@ class UploadRecord:
     verified: str
     attempt: int
     requested_part_size: int
+    generation: int
 
     @classmethod
     def from_hash(cls, upload_id: str, raw: dict[str, str]) -> UploadRecord:
@@ -95,6 +96,7 @@ class UploadRecord:
             verified=raw.get("verified", ""),
             attempt=num("attempt"),
             requested_part_size=num("requested_part_size"),
+            generation=num("generation"),
         )
 
     @property
@@ -143,8 +145,14 @@ class CheckpointStore:
     def index_key(self) -> str:
         return f"{self.prefix}:uploads"
 
+    def inflight_key(self, upload_id: str) -> str:
+        return f"{self.prefix}:upload:{upload_id}:inflight"
+
+    def worker_key(self, owner: str) -> str:
+        return f"{self.prefix}:worker:{owner}"
+
     def _keys(self, upload_id: str) -> list[str]:
-        return [self.record_key(upload_id), self.parts_key(upload_id)]
+        return [self.record_key(upload_id), self.parts_key(upload_id), self.inflight_key(upload_id)]
 
     # -- reads --------------------------------------------------------------------------------
     def get(self, upload_id: str) -> UploadRecord | None:
@@ -160,9 +168,33 @@ class CheckpointStore:
             out[int(number)] = UploadedPart(etag=data["etag"], checksum=data["checksum"])
         return out
 
-    def missing_parts(self, upload_id: str, part_count: int) -> list[int]:
-        recorded = {int(n) for n in self.redis.hkeys(self.parts_key(upload_id))}
-        return [n for n in range(1, part_count + 1) if n not in recorded]
+    def missing_parts(self, upload_id: str, part_count: int) -> tuple[list[int], list[int]]:
+        """Parts not recorded, split into ``(unleased, leased)``: a leased part is being sent by a
+        worker whose heartbeat is alive, so dispatching it again would only duplicate it."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hkeys(self.parts_key(upload_id))
+        pipe.hgetall(self.inflight_key(upload_id))
+        recorded_raw, inflight = pipe.execute()
+        recorded = {int(n) for n in recorded_raw}
+        live = self.live_owners(set(inflight.values()))
+        leased = {int(n) for n, owner in inflight.items() if owner in live}
+        missing = [n for n in range(1, part_count + 1) if n not in recorded]
+        return [n for n in missing if n not in leased], [n for n in missing if n in leased]
+
+    def live_owners(self, owners: set[str]) -> set[str]:
+        """The subset of worker names in ``owners`` whose heartbeat has not expired."""
+        owners = {o for o in owners if o}
+        if not owners:
+            return set()
+        ordered = sorted(owners)
+        pipe = self.redis.pipeline(transaction=False)
+        for owner in ordered:
+            pipe.exists(self.worker_key(owner))
+        return {owner for owner, alive in zip(ordered, pipe.execute()) if alive}
+
+    def heartbeat(self, owner: str, ttl: int) -> None:
+        """Declare worker ``owner`` alive for ``ttl`` seconds (its in-flight parts stay leased)."""
+        self.redis.set(self.worker_key(owner), "1", ex=ttl)
 
     def list_ids(self, limit: int = 100) -> list[str]:
         """Most recent upload ids first; ids whose checkpoint expired are pruned from the index."""
@@ -194,17 +226,24 @@ class CheckpointStore:
     def discard(self, upload_id: str) -> str:
         return self._run("discard_upload", [*self._keys(upload_id), self.index_key], [upload_id])
 
-    def begin_part(self, upload_id: str, part_number: int, size: int) -> tuple[str, str]:
-        """``("send", mpu_id)``, ``("recorded", "")`` or ``("inactive", state)``."""
-        result = self._run("begin_part", self._keys(upload_id), [part_number, size])
+    def begin_part(self, upload_id: str, part_number: int, size: int, generation: int, owner: str) -> tuple[str, str]:
+        """``("send", mpu_id)``, ``("recorded", "")``, ``("stale", "")`` or ``("inactive", state)``."""
+        result = self._run("begin_part", self._keys(upload_id), [part_number, size, generation, owner])
         return result[0], (result[1] if len(result) > 1 else "")
+
+    def release_part(self, upload_id: str, part_number: int, owner: str) -> None:
+        self._run("release_part", [self.inflight_key(upload_id)], [part_number, owner])
+
+    def next_generation(self, upload_id: str, generation: int) -> int:
+        """Supersede ``generation``; 0 if it is no longer current or the upload is not uploading."""
+        return int(self._run("next_generation", [self.record_key(upload_id)], [generation]))
 
     def record_part(self, upload_id: str, mpu_id: str, part_number: int, part: UploadedPart, size: int) -> str:
         value = json.dumps({"etag": part.etag, "checksum": part.checksum, "size": size}, separators=(",", ":"))
         return self._run("record_part", self._keys(upload_id), [mpu_id, part_number, value, size, time.time()])
 
     def begin_completion(self, upload_id: str, token: str, lease_seconds: int) -> str:
-        return self._run("begin_completion", [self.record_key(upload_id)], [token, time.time(), lease_seconds])
+        return self._run("begin_completion", self._keys(upload_id), [token, time.time(), lease_seconds])
 
     def mark_completed(self, upload_id: str, token: str, retention: int, fields: dict[str, Any]) -> str:
         args: list[Any] = [token, time.time(), retention]
@@ -218,10 +257,12 @@ class CheckpointStore:
     def cancel(self, upload_id: str, retention: int) -> str:
         return self._run("cancel_upload", self._keys(upload_id), [time.time(), retention])
 
-    def reopen(self, upload_id: str, mpu_id: str) -> str:
+    def reopen(self, upload_id: str, mpu_id: str) -> int | str:
+        """The new dispatch generation, or the state (or ``"fenced"``) that forbade reopening."""
         return self._run("reopen_upload", [self.record_key(upload_id)], [mpu_id, time.time()])
 
-    def restart(self, upload_id: str, old_mpu_id: str, new_mpu_id: str, fields: dict[str, Any]) -> str:
+    def restart(self, upload_id: str, old_mpu_id: str, new_mpu_id: str, fields: dict[str, Any]) -> int | str:
+        """The new dispatch generation, or the state (or ``"fenced"``) that forbade restarting."""
         args: list[Any] = [old_mpu_id, new_mpu_id, time.time()]
         for name, value in fields.items():
             args += [name, _encode(value)]

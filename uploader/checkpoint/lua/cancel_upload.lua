@@ -1,5 +1,5 @@
 -- Any state but "completed" (or a live completion) -> "cancelled"; expires after retention.
--- KEYS[1] record, KEYS[2] parts. ARGV[1] now, ARGV[2] retention seconds.
+-- KEYS[1] record, KEYS[2] parts, KEYS[3] in-flight leases. ARGV[1] now, ARGV[2] retention seconds.
 -- Returns "cancelled" (changed now), "already" (was cancelled), or the state that forbids it.
 local state = redis.call("HGET", KEYS[1], "state")
 if not state then
@@ -14,5 +14,6 @@ end
 redis.call("HSET", KEYS[1], "state", "cancelled", "updated", ARGV[1], "finished", ARGV[1], "error", "cancelled by request")
 redis.call("HDEL", KEYS[1], "lease_token", "lease_until")
 redis.call("EXPIRE", KEYS[1], ARGV[2])
+redis.call("DEL", KEYS[3])
 redis.call("EXPIRE", KEYS[2], ARGV[2])
 return "cancelled"

@@ -6,7 +6,7 @@ if state then
   return {"exists", state}
 end
 redis.call("HSET", KEYS[1], "state", "creating", "created", ARGV[2], "updated", ARGV[2],
-  "parts_done", 0, "bytes_done", 0, "parts_sent", 0, "bytes_sent", 0, "complete_calls", 0)
+  "parts_done", 0, "bytes_done", 0, "parts_sent", 0, "bytes_sent", 0, "complete_calls", 0, "generation", 1)
 for i = 3, #ARGV, 2 do
   redis.call("HSET", KEYS[1], ARGV[i], ARGV[i + 1])
 end

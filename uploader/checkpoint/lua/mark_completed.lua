@@ -1,5 +1,5 @@
 -- "completing" -> "completed", then let the checkpoint expire after the retention period.
--- KEYS[1] record, KEYS[2] parts. ARGV[1] lease token, ARGV[2] now, ARGV[3] retention seconds,
+-- KEYS[1] record, KEYS[2] parts, KEYS[3] in-flight leases. ARGV[1] lease token, ARGV[2] now, ARGV[3] retention seconds,
 -- ARGV[4..] field/value pairs (final ETag, verification result).
 local state = redis.call("HGET", KEYS[1], "state")
 if state ~= "completing" then
@@ -14,5 +14,6 @@ for i = 4, #ARGV, 2 do
   redis.call("HSET", KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call("EXPIRE", KEYS[1], ARGV[3])
+redis.call("DEL", KEYS[3])
 redis.call("EXPIRE", KEYS[2], ARGV[3])
 return "ok"

@@ -1,6 +1,6 @@
 -- Resume: "failed", "uploading" or a lapsed "completing" -> "uploading", fenced by mpu id.
 -- KEYS[1] record. ARGV[1] expected mpu id, ARGV[2] now.
--- Returns "ok", "fenced", or the state that forbids it.
+-- Returns the new dispatch generation (a number), "fenced", or the state that forbids it.
 local state = redis.call("HGET", KEYS[1], "state")
 if state == "completing" then
   if tonumber(redis.call("HGET", KEYS[1], "lease_until") or "0") > tonumber(ARGV[2]) then
@@ -14,4 +14,4 @@ if redis.call("HGET", KEYS[1], "mpu_id") ~= ARGV[1] then
 end
 redis.call("HSET", KEYS[1], "state", "uploading", "error", "", "updated", ARGV[2])
 redis.call("HDEL", KEYS[1], "lease_token", "lease_until", "finished")
-return "ok"
+return redis.call("HINCRBY", KEYS[1], "generation", 1)

@@ -1,6 +1,7 @@
 -- Start over under a new multipart upload: new plan and fingerprint, no parts recorded.
+-- Returns the new dispatch generation (a number), "fenced", or the state that forbids it.
 -- Parts of the old attempt are fenced out because their mpu id no longer matches.
--- KEYS[1] record, KEYS[2] parts. ARGV[1] expected old mpu id, ARGV[2] new mpu id, ARGV[3] now,
+-- KEYS[1] record, KEYS[2] parts, KEYS[3] in-flight leases. ARGV[1] expected old mpu id, ARGV[2] new mpu id, ARGV[3] now,
 -- ARGV[4..] field/value pairs (size, mtime_ns, part_size, part_count, mode).
 local state = redis.call("HGET", KEYS[1], "state")
 if state ~= "failed" and state ~= "uploading" and state ~= "completing" then
@@ -9,7 +10,7 @@ end
 if redis.call("HGET", KEYS[1], "mpu_id") ~= ARGV[1] then
   return "fenced"
 end
-redis.call("DEL", KEYS[2])
+redis.call("DEL", KEYS[2], KEYS[3])
 redis.call("HSET", KEYS[1], "state", "uploading", "mpu_id", ARGV[2], "parts_done", 0, "bytes_done", 0,
   "error", "", "updated", ARGV[3])
 redis.call("HDEL", KEYS[1], "lease_token", "lease_until", "finished")
@@ -17,4 +18,4 @@ for i = 4, #ARGV, 2 do
   redis.call("HSET", KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call("HINCRBY", KEYS[1], "attempt", 1)
-return "ok"
+return redis.call("HINCRBY", KEYS[1], "generation", 1)

@@ -1,0 +1,43 @@
+"""Worker liveness: a thread that keeps ``<prefix>:worker:<name>`` alive in Redis.
+
+A part being sent is leased to its worker's name; the lease lasts exactly as long as the
+heartbeat. A worker that is killed stops refreshing, its key expires after the TTL, and the
+parts it held become eligible for dispatch again. A slow part on a live worker is never
+duplicated, however long it takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from uploader.checkpoint import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes ``owner``'s liveness key every ``ttl / 3`` seconds until :meth:`stop`."""
+
+    def __init__(self, store: CheckpointStore, owner: str, ttl: int) -> None:
+        super().__init__(name=f"uploader-heartbeat-{owner}", daemon=True)
+        self.store = store
+        self.owner = owner
+        self.ttl = ttl
+        self._stopped = threading.Event()
+
+    def beat(self) -> None:
+        self.store.heartbeat(self.owner, self.ttl)
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self.beat()
+            except (redis.RedisError, OSError) as exc:  # Redis away: keep trying, it comes back
+                log.warning("heartbeat of %s failed: %s", self.owner, exc)
+            self._stopped.wait(self.ttl / 3)
+
+    def stop(self) -> None:
+        self._stopped.set()
