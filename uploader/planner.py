@@ -65,16 +65,22 @@ def plan_parts(size: int, part_size: int | None = None, *, default_part_size: in
         validate_part_size(part_size)
         count = max(1, -(-size // part_size))
         if count > MAX_PARTS:
-            smallest = -(-size // MAX_PARTS)
             raise InvalidRequest(
-                f"part size {format_size(part_size)} would need {count} parts for {format_size(size)}; "
-                f"S3 allows at most {MAX_PARTS}: use a part size of at least {format_size(smallest)}"
+                f"part size {part_size} bytes would need {count} parts for {size} bytes; S3 allows at most "
+                f"{MAX_PARTS}: use a part size of at least {smallest_fitting_part_size(size) // MiB}MiB"
             )
         return PartPlan(size=size, part_size=part_size, count=count)
     chosen = min(max(default_part_size, MIN_PART_SIZE), MAX_PART_SIZE)
     if -(-size // chosen) > MAX_PARTS:
-        chosen = -(-(-(-size // MAX_PARTS)) // MiB) * MiB  # smallest whole-MiB size that fits
+        chosen = smallest_fitting_part_size(size)
     return PartPlan(size=size, part_size=chosen, count=max(1, -(-size // chosen)))
+
+
+def smallest_fitting_part_size(size: int) -> int:
+    """The smallest whole-MiB part size (at least 5 MiB) that cuts ``size`` bytes into at most
+    10,000 parts."""
+    per_part = -(-size // MAX_PARTS)
+    return max(MIN_PART_SIZE, -(-per_part // MiB) * MiB)
 
 
 def validate_part_size(part_size: int) -> None:
@@ -83,11 +89,12 @@ def validate_part_size(part_size: int) -> None:
         raise InvalidRequest(f"part size must be a whole number of bytes, got {part_size!r}")
     if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
         raise InvalidRequest(
-            f"part size {format_size(part_size)} is outside S3's limits of 5 MiB..5 GiB per part"
+            f"part size {part_size} bytes is outside S3's limits of 5 MiB..5 GiB "
+            f"({MIN_PART_SIZE}..{MAX_PART_SIZE} bytes) per part"
         )
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
 
@@ -95,7 +102,7 @@ def parse_size(text: str | int) -> int:
     """Parse ``"16MiB"``, ``"16M"``, ``"8388608"`` into bytes. Units are binary (1 M = 1 MiB)."""
     if isinstance(text, int):
         return text
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.fullmatch(text)
     if not match:
         raise InvalidRequest(f"cannot read {text!r} as a size; write e.g. 16MiB or 8388608")
     number, unit = match.groups()

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from uploader.errors import InvalidRequest
 from uploader.planner import validate_part_size
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: S3 limits user metadata (names and values, UTF-8) to 2 KiB in all.
 MAX_METADATA_BYTES = 2048
 MAX_KEY_BYTES = 1024
@@ -65,7 +65,7 @@ class UploadRequest(BaseModel):
     @field_validator("upload_id")
     @classmethod
     def _upload_id(cls, value: str | None) -> str | None:
-        if value is not None and not _UPLOAD_ID_RE.match(value):
+        if value is not None and not _UPLOAD_ID_RE.fullmatch(value):
             raise ValueError("upload_id must be 1-128 characters of letters, digits, '.', '_' or '-'")
         return value
 
@@ -91,7 +91,7 @@ class UploadRequest(BaseModel):
 
 def validate_bucket_name(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` follows S3's bucket naming rules."""
-    if not _BUCKET_RE.match(name) or ".." in name or ".-" in name or "-." in name:
+    if not _BUCKET_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid bucket name {name!r}: use 3-63 lowercase letters, digits, '.' or '-', "
             "starting and ending with a letter or digit"

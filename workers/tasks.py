@@ -84,7 +84,8 @@ def cancel_upload(upload_id: str) -> str:
 def upload_part(self: Any, upload_id: str, part_number: int, generation: int) -> str:
     ctx = default_context()
     try:
-        outcome = transfer.upload_part(ctx, upload_id, part_number, generation, self.request.hostname or "")
+        owner = f"{self.request.hostname}|{self.request.id}"
+        outcome = transfer.upload_part(ctx, upload_id, part_number, generation, owner)
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, f"part {part_number}")
         raise  # unreachable: _retry_or_fail always raises

@@ -176,13 +176,14 @@ class CheckpointStore:
         pipe.hgetall(self.inflight_key(upload_id))
         recorded_raw, inflight = pipe.execute()
         recorded = {int(n) for n in recorded_raw}
-        live = self.live_owners(set(inflight.values()))
-        leased = {int(n) for n, owner in inflight.items() if owner in live}
+        workers = {n: owner.partition("|")[0] for n, owner in inflight.items()}
+        live = self.live_owners(set(workers.values()))
+        leased = {int(n) for n, worker in workers.items() if worker in live}
         missing = [n for n in range(1, part_count + 1) if n not in recorded]
         return [n for n in missing if n not in leased], [n for n in missing if n in leased]
 
     def live_owners(self, owners: set[str]) -> set[str]:
-        """The subset of worker names in ``owners`` whose heartbeat has not expired."""
+        """The worker names in ``owners`` whose heartbeat has not expired."""
         owners = {o for o in owners if o}
         if not owners:
             return set()
@@ -227,8 +228,11 @@ class CheckpointStore:
         return self._run("discard_upload", [*self._keys(upload_id), self.index_key], [upload_id])
 
     def begin_part(self, upload_id: str, part_number: int, size: int, generation: int, owner: str) -> tuple[str, str]:
-        """``("send", mpu_id)``, ``("recorded", "")``, ``("stale", "")`` or ``("inactive", state)``."""
-        result = self._run("begin_part", self._keys(upload_id), [part_number, size, generation, owner])
+        """``("send", mpu_id)``, ``("recorded", "")``, ``("stale", "")``, ``("leased", "")`` or
+        ``("inactive", state)``. ``owner`` is ``"<worker name>|<task id>"``."""
+        result = self._run(
+            "begin_part", self._keys(upload_id), [part_number, size, generation, owner, self.worker_key("")]
+        )
         return result[0], (result[1] if len(result) > 1 else "")
 
     def release_part(self, upload_id: str, part_number: int, owner: str) -> None:

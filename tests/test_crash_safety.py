@@ -1,0 +1,150 @@
+"""Crashes, duplicates and races, with real worker processes killed by SIGKILL.
+
+Bytes sent are counted by the checkpoint (``parts_sent``/``bytes_sent`` grow every time a part is
+about to be sent), so "nothing already uploaded is sent again" is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tests.conftest import Stack, sha256_file
+from uploader import contract
+from uploader.localstack import wait_until
+from uploader.planner import MiB
+
+PART = 5 * MiB
+
+
+def _wait_parts_done(stack: Stack, upload_id: str, at_least: int, timeout: float = 120) -> None:
+    wait_until(lambda: stack.uploader.status(upload_id).parts_done >= at_least, timeout, f"{at_least} parts recorded")
+
+
+def test_sigkill_mid_upload_resumes_sending_only_in_flight_parts(make_stack) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="3")
+    concurrency = 4
+    # A bandwidth cap keeps the first worker mid-upload long enough to be killed there.
+    doomed = stack.start_worker("doomed", concurrency=concurrency, UPLOADER_MAX_BANDWIDTH=str(20 * MiB))
+    bucket = stack.new_bucket()
+    path = stack.make_file(40 * PART)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/killed.bin", part_size=PART)
+    handle.accepted(timeout=60)
+    _wait_parts_done(stack, handle.upload_id, 8)
+
+    doomed.kill()
+    doomed.proc.wait(10)
+    at_kill = stack.uploader.status(handle.upload_id)
+    in_flight = at_kill.bytes_sent - at_kill.bytes_done  # sent (or about to be) but never recorded
+    assert at_kill.state == "uploading" and at_kill.parts_done < at_kill.part_count
+    assert 0 <= in_flight <= concurrency * PART
+
+    stack.start_worker("rescuer", concurrency=4)
+    stack.uploader.resume(handle.upload_id)
+    status = handle.wait(timeout=180)
+
+    assert status.state == "completed"
+    assert stack.object_sha256(bucket, "killed.bin") == sha256_file(path)
+    resent = status.bytes_sent - status.size
+    assert resent <= in_flight, f"re-sent {resent} bytes, but only {in_flight} were in flight at the kill"
+    assert stack.open_multipart_uploads(bucket) == []
+    record = stack.uploader.checkpoint.get(handle.upload_id)
+    assert record is not None and record.complete_calls == 1
+
+
+def test_duplicate_part_delivery_and_double_chord_callback_complete_once(make_stack) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack()
+    bucket = stack.new_bucket()
+    path = stack.make_file(3 * PART + 99)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/dup.bin", part_size=PART)
+    # No worker yet: the coordinator's message waits. Start one, let it finish, then replay.
+    stack.start_worker("dup", concurrency=4)
+    status = handle.wait(timeout=120)
+    record = stack.uploader.checkpoint.get(handle.upload_id)
+    assert record is not None
+    sent_before = record.bytes_sent
+
+    celery = stack.uploader.celery
+    replays = [
+        celery.send_task(contract.UPLOAD_PART, kwargs={"upload_id": handle.upload_id, "part_number": 2, "generation": record.generation})
+        for _ in range(2)
+    ] + [
+        celery.send_task(contract.COMPLETE_UPLOAD, kwargs={"upload_id": handle.upload_id, "generation": record.generation})
+        for _ in range(2)
+    ]
+    outcomes = [r.get(timeout=60) for r in replays]
+    assert outcomes == ["inactive:completed", "inactive:completed", "done", "done"]
+    after = stack.uploader.checkpoint.get(handle.upload_id)
+    assert after is not None
+    assert after.complete_calls == 1
+    assert after.bytes_sent == sent_before
+    assert status.state == "completed"
+    assert stack.object_sha256(bucket, "dup.bin") == sha256_file(path)
+
+
+def test_duplicates_while_uploading_send_nothing_twice(make_stack) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack()
+    stack.start_worker("slow", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
+    bucket = stack.new_bucket()
+    path = stack.make_file(6 * PART)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/race.bin", part_size=PART)
+    handle.accepted(timeout=60)
+    record = stack.uploader.checkpoint.get(handle.upload_id)
+    assert record is not None and record.parts_done < 6
+    celery = stack.uploader.celery
+    # Every part delivered twice more while the first copies are queued or in flight, and the
+    # chord callback fired early, twice: the upload must neither complete early nor send a part
+    # twice.
+    extra = [
+        celery.send_task(
+            contract.UPLOAD_PART,
+            kwargs={"upload_id": handle.upload_id, "part_number": n, "generation": record.generation},
+        )
+        for n in range(1, 7)
+        for _ in range(2)
+    ] + [
+        celery.send_task(contract.COMPLETE_UPLOAD, kwargs={"upload_id": handle.upload_id, "generation": record.generation})
+        for _ in range(2)
+    ]
+    stack.start_worker("fast", concurrency=4)
+    status = handle.wait(timeout=180)
+    for result in extra:
+        result.get(timeout=120)
+    after = stack.uploader.checkpoint.get(handle.upload_id)
+    assert after is not None and after.complete_calls == 1
+    assert status.state == "completed"
+    assert after.bytes_sent == status.size, "a part was sent twice"
+    assert stack.object_sha256(bucket, "race.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
+
+
+def test_concurrent_resumes_complete_once(make_stack) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="3")
+    doomed = stack.start_worker("doomed", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
+    bucket = stack.new_bucket()
+    path = stack.make_file(12 * PART)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/resumed.bin", part_size=PART)
+    handle.accepted(timeout=60)
+    _wait_parts_done(stack, handle.upload_id, 3)
+    doomed.kill()
+    doomed.proc.wait(10)
+    stack.start_worker("after", concurrency=4)
+
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def resume() -> None:
+        barrier.wait()
+        results.append(stack.uploader.resume(handle.upload_id))
+
+    threads = [threading.Thread(target=resume) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2
+    status = handle.wait(timeout=180)
+    record = stack.uploader.checkpoint.get(handle.upload_id)
+    assert record is not None and record.complete_calls == 1
+    assert status.state == "completed"
+    assert stack.object_sha256(bucket, "resumed.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
