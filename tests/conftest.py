@@ -21,6 +21,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
+import hypothesis.internal.observability  # noqa: F401  (imported before worker threads exist: CPython 3.11.7 ast bug)
+
 from uploader import Uploader
 from uploader.config import Settings
 from uploader.localstack import MotoS3, RedisServer, SeaweedS3, Worker, scratch_dir

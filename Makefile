@@ -1,0 +1,37 @@
+# The two commands a newcomer needs:
+#   make demo   set everything up, then run the whole system locally on one verified upload
+#   make test   set everything up, then run the test suite (real Redis, SeaweedFS, moto, workers)
+# Works on a fresh Debian with Python 3.11; installs what is missing (as root, via apt-get).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c "import ensurepip" 2>/dev/null || { \
+	  echo "installing python3-venv (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test,bench]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/uploader demo
+
+test: setup
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,216 @@
+"""``uploader``: submit, watch and manage uploads from a shell, and start workers.
+
+Errors print one readable line (never a traceback) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from uploader.client import Uploader, UploadStatus
+from uploader.errors import UploaderError
+from uploader.planner import format_size, parse_size
+
+console = Console(stderr=True)
+
+
+def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (UploaderError, TimeoutError) as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _uploader() -> Uploader:
+    return Uploader.from_env()
+
+
+def _size(_: click.Context, __: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except UploaderError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _metadata(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> dict[str, str] | None:
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: write metadata as NAME=VALUE")
+        out[name] = value
+    return out or None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="uploader")
+def main() -> None:
+    """Distributed, resumable multipart uploads to S3-compatible storage.
+
+    Configuration comes from UPLOADER_* environment variables (see the README)."""
+
+
+@main.command()
+@click.argument("source")
+@click.argument("destination")
+@click.option("--part-size", callback=_size, help="Part size, e.g. 16MiB (5MiB..5GiB). Default: 8MiB, grown to fit 10,000 parts.")
+@click.option("--upload-id", help="Idempotency key: submitting the same id again continues that upload.")
+@click.option("--metadata", "-m", multiple=True, callback=_metadata, help="User metadata NAME=VALUE (repeatable).")
+@click.option("--content-type", help="Content-Type of the stored object.")
+@click.option("--abort-on-failure", is_flag=True, help="Abort the multipart upload if it fails (default: keep parts for resume).")
+@click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
+@click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@_friendly_errors
+def submit(source: str, destination: str, wait_: bool, timeout: float | None, **options: Any) -> None:
+    """Upload SOURCE (an absolute path the workers can read) to DESTINATION (s3://bucket/key).
+
+    Prints the upload id."""
+    up = _uploader()
+    handle = up.submit(source, destination, **{k: v for k, v in options.items() if v not in (None, False)})
+    click.echo(handle.upload_id)
+    if wait_:
+        _follow(up, handle.upload_id, timeout, start=handle.start)
+
+
+def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = None) -> None:
+    """Progress bar until the upload ends; exit 1 unless it completed."""
+    from uploader.progress import show_progress
+
+    last = show_progress(up.watch(upload_id, timeout=timeout, start=start), console)
+    if last is None or last.state != "completed":
+        reason = f": {last.error}" if last is not None and last.error else ""
+        raise UploaderError(f"upload {upload_id} ended {last.state if last else 'unknown'}{reason}")
+    console.print(f"[green]completed[/green] s3://{last.bucket}/{last.key} {last.final_etag} (verified: {last.verified})")
+
+
+@main.command()
+@click.argument("upload_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly_errors
+def status(upload_id: str, as_json: bool) -> None:
+    """Show an upload's state, parts and bytes done, and error."""
+    st = _uploader().status(upload_id)
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for name, value in _status_rows(st):
+        table.add_row(f"[bold]{name}", value)
+    Console().print(table)
+
+
+def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
+    rows = [
+        ("upload id", st.upload_id),
+        ("state", st.state),
+        ("source", st.source),
+        ("destination", f"s3://{st.bucket}/{st.key}"),
+        ("parts", f"{st.parts_done}/{st.part_count} of {format_size(st.part_size)}"),
+        ("bytes", f"{st.bytes_done}/{st.size} ({format_size(st.bytes_done)} of {format_size(st.size)})"),
+    ]
+    if st.final_etag:
+        rows.append(("etag", f"{st.final_etag} (verified: {st.verified})"))
+    if st.error:
+        rows.append(("error", st.error))
+    return rows
+
+
+@main.command()
+@click.argument("upload_id")
+@click.option("--timeout", type=float, default=None)
+@_friendly_errors
+def watch(upload_id: str, timeout: float | None) -> None:
+    """Show a live progress bar until the upload finishes."""
+    _follow(_uploader(), upload_id, timeout)
+
+
+@main.command(name="list")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_friendly_errors
+def list_(limit: int, as_json: bool) -> None:
+    """List recent uploads, newest first."""
+    uploads = _uploader().list(limit)
+    if as_json:
+        click.echo(json.dumps([u.to_dict() for u in uploads], indent=2))
+        return
+    table = Table("upload id", "state", "parts", "size", "destination", "error")
+    for u in uploads:
+        table.add_row(u.upload_id, u.state, f"{u.parts_done}/{u.part_count}", format_size(u.size), f"s3://{u.bucket}/{u.key}", u.error[:60])
+    Console().print(table)
+
+
+@main.command()
+@click.argument("upload_id")
+@click.option("--restart", is_flag=True, help="If the source changed, abort the old multipart upload and upload it again.")
+@click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
+@click.option("--timeout", type=float, default=None)
+@_friendly_errors
+def resume(upload_id: str, restart: bool, wait_: bool, timeout: float | None) -> None:
+    """Continue an upload from its checkpoint, sending only missing parts."""
+    up = _uploader()
+    outcome = up.resume(upload_id, restart=restart)
+    click.echo(f"{upload_id}: dispatched {outcome['dispatched']} ({outcome['parts']} parts) {outcome['reason']}".rstrip())
+    if wait_:
+        _follow(up, upload_id, timeout)
+
+
+@main.command()
+@click.argument("upload_id")
+@_friendly_errors
+def cancel(upload_id: str) -> None:
+    """Cancel an upload: stop its parts and abort its multipart upload."""
+    outcome = _uploader().cancel(upload_id)
+    click.echo(f"{upload_id}: {'cancelled' if outcome == 'cancelled' else 'was already cancelled'}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--concurrency", "-c", type=int, default=None, help="Parallel parts (default UPLOADER_WORKER_CONCURRENCY, 8).")
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Worker name (default celery@<host>).")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None, pool: str, loglevel: str, hostname: str | None) -> None:
+    """Start a worker consuming both queues, with task events on (for Flower).
+
+    Extra arguments are passed to `celery worker`."""
+    from uploader.config import get_settings
+    from uploader.localstack import worker_argv
+
+    argv = worker_argv(
+        concurrency=concurrency or get_settings().worker_concurrency, hostname=hostname, loglevel=loglevel, pool=pool
+    )
+    os.execv(argv[0], argv + list(ctx.args))
+
+
+@main.command()
+@click.option("--size", callback=_size, default="256MiB", show_default=True, help="Size of the generated file.")
+@click.option("--part-size", callback=_size, default="8MiB", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes to start.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Threads per worker.")
+@_friendly_errors
+def demo(size: int, part_size: int, workers: int, concurrency: int) -> None:
+    """Run the whole system locally: Redis, SeaweedFS, workers, one verified upload."""
+    from uploader.demo import run_demo
+
+    sys.exit(run_demo(size=size, part_size=part_size, workers=workers, concurrency=concurrency))
+
+
+if __name__ == "__main__":
+    main()
