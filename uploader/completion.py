@@ -65,7 +65,7 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
     parts = store.parts(upload_id)
     absent = [n for n in range(1, record.part_count + 1) if n not in parts]
     if absent:  # the counter says done but the parts hash disagrees: never complete early
-        mark_failed(ctx, upload_id, f"checkpoint inconsistent: parts {absent[:10]} not recorded")
+        mark_failed(ctx, upload_id, f"checkpoint inconsistent: parts {absent[:10]} not recorded", generation)
         raise UploaderError(f"upload {upload_id}: checkpoint inconsistent, parts {absent[:10]} not recorded")
     ordered = [(n, parts[n]) for n in range(1, record.part_count + 1)]
     expected_etag = multipart_etag(p.etag for _, p in ordered)
@@ -75,7 +75,7 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
         if error_code(exc) == "NoSuchUpload" and _stored_etag(ctx, record.bucket, record.key) == expected_etag:
             log.info("upload %s: already completed by an earlier attempt", upload_id)
         else:
-            mark_failed(ctx, upload_id, str(exc))
+            mark_failed(ctx, upload_id, str(exc), generation)
             raise
     head = ctx.objects.head_object(record.bucket, record.key)
     problems = []
@@ -90,7 +90,7 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
         verified = "size"  # e.g. SSE-KMS objects, whose ETag is not derived from MD5s
     if problems:
         reason = "verification failed: " + "; ".join(problems)
-        mark_failed(ctx, upload_id, reason)
+        mark_failed(ctx, upload_id, reason, generation)
         raise UploaderError(f"upload {upload_id}: {reason}")
     outcome = store.mark_completed(
         upload_id, token, ctx.settings.retention_seconds, {"final_etag": stored_etag, "verified": verified}
@@ -99,12 +99,13 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
     return CompletionOutcome("completed" if outcome == "ok" else outcome)
 
 
-def mark_failed(ctx: UploaderContext, upload_id: str, reason: str) -> bool:
+def mark_failed(ctx: UploaderContext, upload_id: str, reason: str, generation: int = 0) -> bool:
     """Mark the upload ``failed`` with ``reason``; abort its multipart upload too if the request
     asked for that. Uploaded parts are otherwise kept for ``resume``. Returns whether the state
-    changed (terminal uploads are left alone)."""
+    changed (terminal uploads, and failures reported by a dispatch older than the current
+    ``generation``, are left alone)."""
     store = ctx.checkpoint
-    previous = store.mark_failed(upload_id, reason)
+    previous = store.mark_failed(upload_id, reason, generation)
     if previous.startswith("inactive:"):
         return False
     record = store.get(upload_id)

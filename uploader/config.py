@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     #: Threads per worker process (also the S3 connection pool size).
     worker_concurrency: int = Field(8, ge=1)
 
+    @field_validator("s3_endpoint_url", "result_backend", "checkpoint_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # An empty variable means "not set": UPLOADER_S3_ENDPOINT_URL= selects AWS's endpoints.
+        return None if value == "" else value
+
     @field_validator("source_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:

@@ -19,13 +19,13 @@ START_UPLOAD = "uploader.start_upload"
 RESUME_UPLOAD = "uploader.resume_upload"
 #: Cancels an upload and aborts its multipart upload. kwargs: upload_id.
 CANCEL_UPLOAD = "uploader.cancel_upload"
-#: Uploads one part. kwargs: upload_id, part_number. Internal (sent by the coordinator).
+#: Uploads one part. kwargs: upload_id, part_number, generation. Internal (sent by the coordinator).
 UPLOAD_PART = "uploader.upload_part"
-#: Uploads a small source with one PutObject. kwargs: upload_id. Internal.
+#: Uploads a small source with one PutObject. kwargs: upload_id, generation. Internal.
 PUT_OBJECT = "uploader.put_object"
-#: Chord body: completes the multipart upload. kwargs: upload_id. Internal.
+#: Chord body: completes the multipart upload. kwargs: upload_id, generation. Internal.
 COMPLETE_UPLOAD = "uploader.complete_upload"
-#: Chord errback: marks the upload failed. args: failed task id; kwargs: upload_id. Internal.
+#: Chord errback: marks the upload failed. args: failed task id; kwargs: upload_id, generation. Internal.
 UPLOAD_FAILED = "uploader.upload_failed"
 
 #: Starting, resuming, cancelling, completing and failing uploads: short tasks that must never

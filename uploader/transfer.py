@@ -55,20 +55,22 @@ def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generati
     if verdict != "send":
         return PartOutcome(f"inactive:{mpu_id}")
     try:
-        return _send_part(ctx, record, part_number, offset, length, mpu_id)
+        return _send_part(ctx, record, part_number, offset, length, mpu_id, generation)
     except BaseException:
         store.release_part(upload_id, part_number, owner)  # a retry or resume takes it over
         raise
 
 
-def _send_part(ctx: UploaderContext, record: UploadRecord, part_number: int, offset: int, length: int, mpu_id: str) -> PartOutcome:
+def _send_part(
+    ctx: UploaderContext, record: UploadRecord, part_number: int, offset: int, length: int, mpu_id: str, generation: int
+) -> PartOutcome:
     store = ctx.checkpoint
     upload_id = record.upload_id
     try:
         source = open_source(record.source, ctx.settings.source_roots)
         data = source.read_range(offset, length, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))
     except (SourceError, SourceChanged) as exc:
-        fail_permanently(ctx, upload_id, f"part {part_number}: {exc}")
+        fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
     if ctx.throttle is not None:
         ctx.throttle.acquire(length)
@@ -79,22 +81,23 @@ def _send_part(ctx: UploaderContext, record: UploadRecord, part_number: int, off
         if current is None or current.state != "uploading" or current.mpu_id != mpu_id:
             # Cancelled or restarted while we were sending: the server dropped the old upload.
             return PartOutcome(f"inactive:{current.state if current else 'missing'}", length)
-        fail_permanently(ctx, upload_id, f"part {part_number}: {exc}")
+        fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
     outcome = store.record_part(upload_id, mpu_id, part_number, uploaded, length)
     return PartOutcome(outcome, length)
 
 
-def put_single(ctx: UploaderContext, upload_id: str, token: str) -> str:
+def put_single(ctx: UploaderContext, upload_id: str, generation: int, token: str) -> str:
     """Upload a small source with one PutObject (Content-MD5 verified by the server), check the
     stored ETag, and mark the upload completed. Returns the completion outcome
     (``completed``, ``done``, ``busy``, ``inactive:<state>``)."""
     store = ctx.checkpoint
+    record = store.get(upload_id)
+    if record is None or generation < record.generation:
+        return "stale" if record else "inactive:missing"
     verdict = store.begin_completion(upload_id, token, ctx.settings.completion_lease_seconds)
     if verdict != "go":
         return verdict
-    record = store.get(upload_id)
-    assert record is not None
     try:
         source = open_source(record.source, ctx.settings.source_roots)
         data = source.read_range(0, record.size, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))
@@ -103,7 +106,7 @@ def put_single(ctx: UploaderContext, upload_id: str, token: str) -> str:
             record.bucket, record.key, data, metadata=record.metadata, content_type=record.content_type
         )
     except (SourceError, SourceChanged, PermanentStoreError) as exc:
-        fail_permanently(ctx, upload_id, str(exc))
+        fail_permanently(ctx, upload_id, str(exc), generation)
         raise
     expected = md5_b64_to_etag(response["ContentMD5"])
     head = ctx.objects.head_object(record.bucket, record.key)
@@ -113,7 +116,7 @@ def put_single(ctx: UploaderContext, upload_id: str, token: str) -> str:
     if head.get("ETag") != expected:
         problems.append(f"stored ETag {head.get('ETag')} != MD5 of the source {expected}")
     if problems:
-        fail_permanently(ctx, upload_id, "verification failed: " + "; ".join(problems))
+        fail_permanently(ctx, upload_id, "verification failed: " + "; ".join(problems), generation)
         raise UploaderError(f"upload {upload_id}: verification failed: " + "; ".join(problems))
     store.mark_completed(
         upload_id,
@@ -124,7 +127,7 @@ def put_single(ctx: UploaderContext, upload_id: str, token: str) -> str:
     return "completed"
 
 
-def fail_permanently(ctx: UploaderContext, upload_id: str, reason: str) -> None:
+def fail_permanently(ctx: UploaderContext, upload_id: str, reason: str, generation: int) -> None:
     """Mark the upload failed now (other parts stop at their next check)."""
     log.error("upload %s failed: %s", upload_id, reason)
-    mark_failed(ctx, upload_id, reason)
+    mark_failed(ctx, upload_id, reason, generation)

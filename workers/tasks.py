@@ -28,25 +28,26 @@ def dispatch(plan: Dispatch) -> None:
     upload_id, generation = plan.upload_id, plan.generation
     if plan.kind == "parts":
         body = complete_upload.si(upload_id=upload_id, generation=generation).on_error(
-            upload_failed.s(upload_id=upload_id)
+            upload_failed.s(upload_id=upload_id, generation=generation)
         )
         header = group(
             upload_part.si(upload_id=upload_id, part_number=n, generation=generation) for n in plan.parts
         )
         chord(header, body).apply_async()
     elif plan.kind == "single":
-        put_object.si(upload_id=upload_id).apply_async()
+        put_object.si(upload_id=upload_id, generation=generation).apply_async()
     elif plan.kind == "complete":
         complete_upload.si(upload_id=upload_id, generation=generation).apply_async()
 
 
-def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str) -> None:
+def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str, generation: int = 0) -> None:
     """Retry ``task`` with exponential backoff and full jitter, or fail the upload once the
     configured retries are spent."""
     settings = default_context().settings
     retries = task.request.retries
     if retries >= settings.part_max_retries:
-        completion.mark_failed(default_context(), upload_id, f"{what} failed after {retries + 1} attempts: {exc}")
+        reason = f"{what} failed after {retries + 1} attempts: {exc}"
+        completion.mark_failed(default_context(), upload_id, reason, generation)
         raise exc
     countdown = get_exponential_backoff_interval(
         factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
@@ -87,7 +88,7 @@ def upload_part(self: Any, upload_id: str, part_number: int, generation: int) ->
         owner = f"{self.request.hostname}|{self.request.id}"
         outcome = transfer.upload_part(ctx, upload_id, part_number, generation, owner)
     except TransientStoreError as exc:
-        _retry_or_fail(self, exc, upload_id, f"part {part_number}")
+        _retry_or_fail(self, exc, upload_id, f"part {part_number}", generation)
         raise  # unreachable: _retry_or_fail always raises
     if outcome.outcome == "last":
         # Every part is recorded: complete now rather than wait for the chord, which may belong
@@ -99,11 +100,11 @@ def upload_part(self: Any, upload_id: str, part_number: int, generation: int) ->
 
 
 @app.task(name=contract.PUT_OBJECT, bind=True)
-def put_object(self: Any, upload_id: str) -> str:
+def put_object(self: Any, upload_id: str, generation: int) -> str:
     try:
-        return transfer.put_single(default_context(), upload_id, token=self.request.id)
+        return transfer.put_single(default_context(), upload_id, generation, token=self.request.id)
     except TransientStoreError as exc:
-        _retry_or_fail(self, exc, upload_id, "PutObject")
+        _retry_or_fail(self, exc, upload_id, "PutObject", generation)
         raise
 
 
@@ -113,7 +114,7 @@ def complete_upload(self: Any, upload_id: str, generation: int) -> str:
     try:
         outcome = completion.complete_upload(ctx, upload_id, generation, token=self.request.id)
     except TransientStoreError as exc:
-        _retry_or_fail(self, exc, upload_id, "CompleteMultipartUpload")
+        _retry_or_fail(self, exc, upload_id, "CompleteMultipartUpload", generation)
         raise
     if outcome.verdict == "redispatch":
         # The trigger fired with parts missing (a redelivered part can fire a chord early, and a
@@ -127,8 +128,9 @@ def complete_upload(self: Any, upload_id: str, generation: int) -> str:
 
 
 @app.task(name=contract.UPLOAD_FAILED)
-def upload_failed(failed_task_id: str, upload_id: str) -> bool:
-    """Chord errback: a part or the completion failed in a way the tasks did not handle."""
+def upload_failed(failed_task_id: str, upload_id: str, generation: int) -> bool:
+    """Chord errback: a part or the completion of dispatch ``generation`` failed in a way the
+    tasks did not handle (a no-op if a resume has superseded that dispatch)."""
     result = app.AsyncResult(failed_task_id)
     reason = f"task {failed_task_id} failed: {result.result!r}" if result.failed() else f"task {failed_task_id} failed"
-    return completion.mark_failed(default_context(), upload_id, reason)
+    return completion.mark_failed(default_context(), upload_id, reason, generation)

@@ -255,8 +255,9 @@ class CheckpointStore:
             args += [name, _encode(value)]
         return self._run("mark_completed", self._keys(upload_id), args)
 
-    def mark_failed(self, upload_id: str, reason: str) -> str:
-        return self._run("mark_failed", [self.record_key(upload_id)], [reason[:2000], time.time()])
+    def mark_failed(self, upload_id: str, reason: str, generation: int = 0) -> str:
+        """Fail the upload, unless ``generation`` (when given) was superseded by a newer dispatch."""
+        return self._run("mark_failed", [self.record_key(upload_id)], [reason[:2000], time.time(), generation])
 
     def cancel(self, upload_id: str, retention: int) -> str:
         return self._run("cancel_upload", self._keys(upload_id), [time.time(), retention])

@@ -1,0 +1,96 @@
+"""Transient errors are retried per part; permanent ones fail the upload at once with a reason,
+keeping the uploaded parts for resume unless the request asked to abort."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Stack, sha256_file
+from tests.faultproxy import FaultProxy
+from uploader import UploadFailed
+from uploader.localstack import wait_until
+from uploader.planner import MiB
+
+PART = 5 * MiB
+
+
+@pytest.fixture
+def proxy(seaweed) -> Iterator[FaultProxy]:  # type: ignore[no-untyped-def]
+    fault_proxy = FaultProxy(seaweed.endpoint_url)
+    yield fault_proxy
+    fault_proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["503", "500", "reset"])
+def test_transient_part_errors_are_retried_until_the_upload_completes(make_stack, proxy: FaultProxy, fault: str) -> None:  # type: ignore[no-untyped-def]
+    proxy.fault, proxy.rate = fault, 0.3
+    stack: Stack = make_stack(UPLOADER_PART_MAX_RETRIES="12", UPLOADER_RETRY_BACKOFF_MAX="1")
+    stack.start_worker("flaky", concurrency=4, UPLOADER_S3_ENDPOINT_URL=proxy.url)
+    bucket = stack.new_bucket()
+    path = stack.make_file(10 * PART + 3)
+    status = stack.uploader.submit(str(path), f"s3://{bucket}/flaky.bin", part_size=PART).wait(timeout=240)
+    assert status.state == "completed"
+    assert proxy.counts[f"injected-{fault}"] > 0
+    assert stack.object_sha256(bucket, "flaky.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
+
+
+def test_exhausted_retries_fail_with_a_readable_reason_and_keep_parts(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack(UPLOADER_PART_MAX_RETRIES="1", UPLOADER_RETRY_BACKOFF_MAX="1")
+    stack.start_worker("down", concurrency=2, UPLOADER_S3_ENDPOINT_URL=proxy.url)
+    bucket = stack.new_bucket()
+    path = stack.make_file(4 * PART)
+    # Parts 1-3 go through; part 4 always gets SlowDown.
+    proxy.targets = lambda method, path_: method == "PUT" and "partNumber=4&" in path_ + "&"
+    proxy.rate = 1.0
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/down.bin", part_size=PART)
+    with pytest.raises(UploadFailed, match=r"part 4 failed after 2 attempts: .*SlowDown"):
+        handle.wait(timeout=120)
+    status = stack.uploader.status(handle.upload_id)
+    assert status.state == "failed" and status.parts_done == 3
+    assert len(stack.open_multipart_uploads(bucket)) == 1, "parts are kept for resume"
+
+    proxy.rate = 0.0  # the outage ends: resume sends only the missing part
+    stack.uploader.resume(handle.upload_id)
+    status = handle.wait(timeout=120)
+    assert status.state == "completed"
+    # Parts 1-3 were sent once; part 4 twice in vain (first attempt and one retry), then once more.
+    assert status.bytes_sent == status.size + 2 * PART
+    assert stack.object_sha256(bucket, "down.bin") == sha256_file(path)
+
+
+def test_permanent_error_fails_at_once_and_abort_on_failure_cleans_up(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    proxy.fault, proxy.rate = "forbidden", 1.0
+    stack: Stack = make_stack(UPLOADER_PART_MAX_RETRIES="10")
+    stack.start_worker("denied", concurrency=2, UPLOADER_S3_ENDPOINT_URL=proxy.url)
+    bucket = stack.new_bucket()
+    path = stack.make_file(3 * PART)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/denied.bin", part_size=PART, abort_on_failure=True)
+    with pytest.raises(UploadFailed, match="AccessDenied"):
+        handle.wait(timeout=60)
+    # Failed at once: no retries of a permanent error.
+    assert proxy.counts["injected-forbidden"] <= 3
+    assert stack.open_multipart_uploads(bucket) == []
+
+
+def test_multipart_upload_aborted_behind_our_back_fails_then_resume_starts_cleanly(make_stack) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack()
+    stack.start_worker("victim", concurrency=1, UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
+    bucket = stack.new_bucket()
+    path = stack.make_file(8 * PART)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/aborted.bin", part_size=PART)
+    handle.accepted(timeout=60)
+    wait_until(lambda: stack.uploader.status(handle.upload_id).parts_done >= 1, 60, "a part recorded")
+    mpu_id = stack.uploader.checkpoint.get(handle.upload_id).mpu_id  # type: ignore[union-attr]
+    stack.s3.abort_multipart_upload(Bucket=bucket, Key="aborted.bin", UploadId=mpu_id)
+    with pytest.raises(UploadFailed, match="NoSuchUpload"):
+        handle.wait(timeout=120)
+
+    stack.uploader.resume(handle.upload_id)  # ListParts says NoSuchUpload: a new multipart upload
+    status = handle.wait(timeout=180)
+    assert status.state == "completed"
+    assert stack.uploader.checkpoint.get(handle.upload_id).mpu_id != mpu_id  # type: ignore[union-attr]
+    assert stack.object_sha256(bucket, "aborted.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
