@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from uploader.client import Uploader, UploadStatus
@@ -29,7 +30,7 @@ def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (UploaderError, TimeoutError) as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
     return wrapper
