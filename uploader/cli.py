@@ -186,8 +186,9 @@ def cancel(upload_id: str) -> None:
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default celery@<host>).")
+@click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler (single-node setups only).")
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None, pool: str, loglevel: str, hostname: str | None) -> None:
+def worker(ctx: click.Context, concurrency: int | None, pool: str, loglevel: str, hostname: str | None, with_beat: bool) -> None:
     """Start a worker consuming both queues, with task events on (for Flower).
 
     Extra arguments are passed to `celery worker`."""
@@ -197,6 +198,32 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str, loglevel: str
     argv = worker_argv(
         concurrency=concurrency or get_settings().worker_concurrency, hostname=hostname, loglevel=loglevel, pool=pool
     )
+    os.execv(argv[0], argv + (["--beat"] if with_beat else []) + list(ctx.args))
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@_friendly_errors
+def gc(dry_run: bool) -> None:
+    """Abort the multipart uploads of abandoned uploads (failed, cancelled or stalled longer than
+    UPLOADER_ABANDON_SECONDS) and forget them. Never touches uploads this system did not start."""
+    from uploader.context import default_context
+    from uploader.maintenance import run_janitor
+
+    actions = run_janitor(default_context(), dry_run=dry_run)
+    table = Table("upload id", "state", "destination", "multipart upload", "why", title="would remove" if dry_run else "removed")
+    for a in actions:
+        table.add_row(a.upload_id, a.state, f"s3://{a.bucket}/{a.key}", a.mpu_id or "-", a.reason)
+    Console().print(table)
+    click.echo(f"{len(actions)} upload(s) {'to remove' if dry_run else 'removed'}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
+def beat(ctx: click.Context, loglevel: str) -> None:
+    """Run the periodic scheduler (stall reconciler, janitor). Run exactly one per deployment."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", loglevel]
     os.execv(argv[0], argv + list(ctx.args))
 
 

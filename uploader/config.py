@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     #: Seconds a worker's heartbeat lives; a killed worker's in-flight parts are dispatched
     #: again once it lapses.
     worker_heartbeat_seconds: int = Field(15, ge=1)
+    #: Seconds between two runs of the stall reconciler (Celery beat).
+    reconcile_interval: float = Field(30, gt=0)
+    #: Seconds after which failed or cancelled uploads, and uploads stalled that long, are
+    #: aborted on the server and forgotten by the janitor.
+    abandon_seconds: int = Field(7 * 24 * 3600, ge=1)
+    #: Seconds between two janitor runs (Celery beat).
+    janitor_interval: float = Field(3600, gt=0)
     #: Bytes per second one worker process may send (0 = unlimited).
     max_bandwidth: int = Field(0, ge=0)
     #: Threads per worker process (also the S3 connection pool size).

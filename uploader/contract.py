@@ -25,6 +25,10 @@ UPLOAD_PART = "uploader.upload_part"
 PUT_OBJECT = "uploader.put_object"
 #: Chord body: completes the multipart upload. kwargs: upload_id, generation. Internal.
 COMPLETE_UPLOAD = "uploader.complete_upload"
+#: Periodic: resume uploads that made no progress for stall_seconds. No kwargs.
+RECONCILE = "uploader.reconcile"
+#: Periodic: abort and forget abandoned uploads. kwargs: [dry_run].
+JANITOR = "uploader.janitor"
 #: Chord errback: marks the upload failed. args: failed task id; kwargs: upload_id, generation. Internal.
 UPLOAD_FAILED = "uploader.upload_failed"
 
@@ -34,7 +38,7 @@ CONTROL_QUEUE = "uploader.control"
 #: Data movement: one message per part (or per small object).
 PARTS_QUEUE = "uploader.parts"
 
-CONTROL_TASKS = (START_UPLOAD, RESUME_UPLOAD, CANCEL_UPLOAD, COMPLETE_UPLOAD, UPLOAD_FAILED)
+CONTROL_TASKS = (START_UPLOAD, RESUME_UPLOAD, CANCEL_UPLOAD, COMPLETE_UPLOAD, UPLOAD_FAILED, RECONCILE, JANITOR)
 PART_TASKS = (UPLOAD_PART, PUT_OBJECT)
 
 

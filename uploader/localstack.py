@@ -184,6 +184,18 @@ class Worker(_Process):
         return " ready." in self.log_text()
 
 
+class Beat(_Process):
+    """``celery beat``: sends the periodic reconcile and janitor tasks."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        schedule = workdir / f"beat-{free_port()}.schedule"
+        argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", "INFO", "--schedule", str(schedule)]
+        super().__init__(argv, workdir / f"beat-{int(time.time() * 1000)}.log", env={**os.environ, **env})
+        wait_until(lambda: "beat: Starting" in self.log_text() or not self.alive(), 30, "celery beat")
+        if not self.alive():
+            raise RuntimeError(f"celery beat exited: {self.log_text()[-3000:]}")
+
+
 def worker_argv(*, concurrency: int, hostname: str | None = None, loglevel: str = "INFO", pool: str = "threads") -> list[str]:
     """The command line of a worker with the options crash safety and Flower rely on."""
     from uploader.contract import CONTROL_QUEUE, PARTS_QUEUE

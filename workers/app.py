@@ -8,6 +8,8 @@ the parts it was sending.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 from celery import Celery
@@ -15,6 +17,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from uploader.config import get_settings
 from uploader.context import default_context
+from uploader import contract
 from uploader.contract import celery_config
 from uploader.heartbeat import Heartbeat
 
@@ -35,6 +38,12 @@ app.conf.update(
     worker_concurrency=settings.worker_concurrency,
     worker_pool="threads",
     worker_hijack_root_logger=False,
+    # Run by one `uploader beat` per deployment (or `uploader worker --beat` on a single node).
+    beat_schedule_filename=os.path.join(tempfile.gettempdir(), "uploader-beat-schedule"),
+    beat_schedule={
+        "reconcile-stalled-uploads": {"task": contract.RECONCILE, "schedule": settings.reconcile_interval},
+        "janitor": {"task": contract.JANITOR, "schedule": settings.janitor_interval},
+    },
 )
 
 

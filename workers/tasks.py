@@ -12,7 +12,7 @@ from celery import chord, group
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from uploader import completion, contract, transfer
+from uploader import completion, contract, maintenance, transfer
 from uploader.context import default_context
 from uploader.coordinator import Coordinator, Dispatch
 from uploader.errors import TransientStoreError
@@ -125,6 +125,18 @@ def complete_upload(self: Any, upload_id: str, generation: int) -> str:
         # look again once a lease could have lapsed, in case their worker dies first.
         raise self.retry(countdown=ctx.settings.worker_heartbeat_seconds, max_retries=None)
     return outcome.verdict
+
+
+@app.task(name=contract.RECONCILE)
+def reconcile() -> list[str]:
+    """Resume stalled uploads (lost messages, dead completers, chords that never fire)."""
+    return [plan.upload_id for plan in maintenance.reconcile(default_context(), dispatch)]
+
+
+@app.task(name=contract.JANITOR)
+def janitor(dry_run: bool = False) -> list[dict[str, str]]:
+    """Abort and forget abandoned uploads (only ones this system started)."""
+    return [vars(a) for a in maintenance.run_janitor(default_context(), dry_run=dry_run)]
 
 
 @app.task(name=contract.UPLOAD_FAILED)
