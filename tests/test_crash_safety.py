@@ -6,6 +6,7 @@ about to be sent), so "nothing already uploaded is sent again" is measured, not 
 
 from __future__ import annotations
 
+import os
 import threading
 
 from tests.conftest import Stack, sha256_file
@@ -148,3 +149,49 @@ def test_concurrent_resumes_complete_once(make_stack) -> None:  # type: ignore[n
     assert status.state == "completed"
     assert stack.object_sha256(bucket, "resumed.bin") == sha256_file(path)
     assert stack.open_multipart_uploads(bucket) == []
+
+
+def test_lost_checkpoint_is_rebuilt_from_the_servers_parts(make_stack) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="2")
+    doomed = stack.start_worker("doomed", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(20 * MiB))
+    bucket = stack.new_bucket()
+    path = stack.make_file(12 * PART)
+    upload_id = "rebuild-me"
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/rebuilt.bin", part_size=PART, upload_id=upload_id)
+    handle.accepted(timeout=60)
+    _wait_parts_done(stack, upload_id, 4)
+    doomed.kill()
+    doomed.proc.wait(10)
+    old = stack.uploader.checkpoint.get(upload_id)
+    assert old is not None
+    on_server = {p["PartNumber"] for p in stack.s3.list_parts(Bucket=bucket, Key="rebuilt.bin", UploadId=old.mpu_id)["Parts"]}
+    assert len(on_server) >= 4
+
+    store = stack.uploader.checkpoint  # the checkpoint is lost (e.g. Redis restarted without persistence)
+    store.redis.delete(store.record_key(upload_id), store.parts_key(upload_id), store.inflight_key(upload_id))
+    store.redis.zrem(store.index_key, upload_id)
+
+    stack.start_worker("rescuer", concurrency=4)
+    again = stack.uploader.submit(str(path), f"s3://{bucket}/rebuilt.bin", part_size=PART, upload_id=upload_id)
+    status = again.wait(timeout=180)
+    assert status.state == "completed"
+    record = stack.uploader.checkpoint.get(upload_id)
+    assert record is not None and record.mpu_id == old.mpu_id, "the server's multipart upload was adopted"
+    # Parts found on the server were not sent again (a part the killed worker had in flight may
+    # have landed after we listed, which only lowers the count further).
+    assert status.bytes_sent <= status.size - len(on_server) * PART
+    assert stack.object_sha256(bucket, "rebuilt.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
+
+
+def test_foreign_multipart_upload_on_the_same_key_is_never_adopted(stack: Stack) -> None:
+    bucket = stack.new_bucket()
+    path = stack.make_file(2 * PART + 1)
+    foreign = stack.s3.create_multipart_upload(Bucket=bucket, Key="contested.bin")["UploadId"]
+    stack.s3.upload_part(Bucket=bucket, Key="contested.bin", UploadId=foreign, PartNumber=1, Body=os.urandom(PART))
+    status = stack.uploader.submit(str(path), f"s3://{bucket}/contested.bin", part_size=PART).wait(timeout=120)
+    record = stack.uploader.checkpoint.get(status.upload_id)
+    assert record is not None and record.mpu_id != foreign
+    assert stack.object_sha256(bucket, "contested.bin") == sha256_file(path)
+    assert [u["UploadId"] for u in stack.open_multipart_uploads(bucket)] == [foreign]
+    stack.s3.abort_multipart_upload(Bucket=bucket, Key="contested.bin", UploadId=foreign)

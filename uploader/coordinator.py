@@ -8,6 +8,7 @@ duplicate ``start_upload`` messages and concurrent ``resume`` calls dispatch the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from uploader.errors import (
     UploadConflict,
     UploadNotFound,
 )
-from uploader.objectstore import error_code
+from uploader.objectstore import ListedPart, UploadedPart, error_code
 from uploader.planner import PartPlan, plan_parts
 from uploader.request import UploadRequest
 from uploader.sources import Fingerprint, open_source
@@ -112,14 +113,20 @@ class Coordinator:
                 else Dispatch(upload_id, "nothing", reason=outcome)
             )
         else:
+            adopted = self._find_our_multipart_upload(record)
             try:
-                mpu_id = self.objects.create_multipart_upload(
+                mpu_id = adopted[0] if adopted else self.objects.create_multipart_upload(
                     record.bucket, record.key, metadata=record.metadata, content_type=record.content_type
                 )
             except PermanentStoreError:
                 self.store.discard(upload_id)  # refused before anything existed: leave nothing
                 raise
             outcome = self.store.attach_multipart(upload_id, mpu_id)
+            if outcome == "ok" and adopted:
+                for number, part, size in adopted[1]:
+                    self.store.record_part(upload_id, mpu_id, number, part, size)
+                log.warning("upload %s: rebuilt its checkpoint from %d parts already on the server", upload_id, len(adopted[1]))
+                return self._reopen_and_dispatch(self._get(upload_id), dispatch)
             if outcome != "ok":
                 # Cancelled (or taken over) while we created it: ours is an orphan, remove it.
                 self.objects.abort_multipart_upload(record.bucket, record.key, mpu_id)
@@ -130,6 +137,46 @@ class Coordinator:
             dispatch(plan)
         log.info("upload %s: dispatched %s (%d parts)", upload_id, plan.kind, len(plan.parts))
         return plan
+
+    def _find_our_multipart_upload(self, record: UploadRecord) -> tuple[str, list[tuple[int, UploadedPart, int]]] | None:
+        """A multipart upload already on the server for this key whose every part holds exactly
+        the source's bytes for its part number: this upload's own, whose checkpoint was lost
+        (or whose coordinator died before recording it). Adopting it rebuilds the checkpoint
+        from ListParts instead of sending everything again. A candidate with any part that does
+        not match the source is never adopted (it is someone else's, or another version's)."""
+        candidates = self.objects.list_multipart_uploads(record.bucket, record.key)
+        if not candidates:
+            return None
+        plan = PartPlan(record.size, record.part_size, record.part_count)
+        source = open_source(record.source, self.settings.source_roots)
+        expected = Fingerprint(size=record.size, mtime_ns=record.mtime_ns)
+        for mpu_id, initiated in sorted(candidates, key=lambda c: -c[1]):
+            listed = list(self.objects.list_parts(record.bucket, record.key, mpu_id))
+            if not listed:
+                # An empty upload is ours only if it was started after our record was claimed.
+                if initiated >= record.created - 5:
+                    return mpu_id, []
+                continue
+            by_number: dict[int, list[ListedPart]] = {}
+            for part in listed:  # some servers list a re-uploaded part number twice
+                by_number.setdefault(part.part_number, []).append(part)
+            matched: dict[int, tuple[int, UploadedPart, int]] = {}
+            mismatch = False
+            for number, copies in sorted(by_number.items()):
+                if number > plan.count:
+                    mismatch = True
+                    break
+                offset, length = plan.part_range(number)
+                data = source.read_range(offset, length, expected)
+                md5 = hashlib.md5(data).hexdigest()
+                copy = next((c for c in copies if c.size == length and c.etag.strip('"') == md5), None)
+                if copy is None:
+                    mismatch = True
+                    break
+                matched[number] = (number, UploadedPart(copy.etag, self.objects.part_checksum(data)), length)
+            if not mismatch and matched:
+                return mpu_id, sorted(matched.values(), key=lambda m: m[0])
+        return None
 
     # -- resume --------------------------------------------------------------------------------
     def resume(self, upload_id: str, dispatch: Dispatcher, *, restart: bool = False) -> Dispatch:

@@ -209,6 +209,25 @@ class ObjectStore:
                 return
             marker = next_marker
 
+    def list_multipart_uploads(self, bucket: str, key: str) -> list[tuple[str, float]]:
+        """``(upload id, initiated timestamp)`` of every multipart upload in progress for exactly
+        ``key``."""
+        out = []
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+        while True:
+            response = self._call(f"ListMultipartUploads s3://{bucket}/{key}", "list_multipart_uploads", **kwargs)
+            for upload in response.get("Uploads", []):
+                if upload["Key"] == key:
+                    out.append((upload["UploadId"], upload["Initiated"].timestamp()))
+            if not response.get("IsTruncated"):
+                return out
+            kwargs["KeyMarker"] = response.get("NextKeyMarker")
+            kwargs["UploadIdMarker"] = response.get("NextUploadIdMarker")
+
+    def part_checksum(self, data: bytes) -> str:
+        """The checksum this store sends with a part (what Complete must repeat)."""
+        return self._checksum_args(data)[1]
+
     def put_object(
         self, bucket: str, key: str, data: bytes, *, metadata: dict[str, str] | None, content_type: str | None
     ) -> dict[str, Any]:
@@ -234,7 +253,6 @@ class ObjectStore:
             raise
 
 
-_local = threading.local()
 _shared: dict[tuple[Any, ...], ObjectStore] = {}
 _shared_lock = threading.Lock()
 
