@@ -7,6 +7,7 @@ about to be sent), so "nothing already uploaded is sent again" is measured, not 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 from tests.conftest import Stack, sha256_file
@@ -195,3 +196,28 @@ def test_foreign_multipart_upload_on_the_same_key_is_never_adopted(stack: Stack)
     assert stack.object_sha256(bucket, "contested.bin") == sha256_file(path)
     assert [u["UploadId"] for u in stack.open_multipart_uploads(bucket)] == [foreign]
     stack.s3.abort_multipart_upload(Bucket=bucket, Key="contested.bin", UploadId=foreign)
+
+
+def test_sigterm_lets_in_flight_parts_finish_and_requeues_the_rest(make_stack) -> None:  # type: ignore[no-untyped-def]
+    """Kubernetes sends SIGTERM: in-flight parts finish, unstarted messages go back to the queue,
+    and another worker finishes the upload with nothing sent twice and no resume needed."""
+    stack: Stack = make_stack()
+    leaving = stack.start_worker("leaving", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
+    bucket = stack.new_bucket()
+    path = stack.make_file(10 * PART)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/drained.bin", part_size=PART)
+    handle.accepted(timeout=60)
+    _wait_parts_done(stack, handle.upload_id, 2)
+
+    leaving.kill(signal.SIGTERM)
+    assert leaving.proc.wait(60) == 0
+    at_exit = stack.uploader.status(handle.upload_id)
+    assert at_exit.bytes_sent == at_exit.bytes_done, "the worker left parts half-sent"
+    store = stack.uploader.checkpoint
+    assert store.redis.hlen(store.inflight_key(handle.upload_id)) == 0
+
+    stack.start_worker("staying", concurrency=4)
+    status = handle.wait(timeout=120)
+    assert status.state == "completed"
+    assert status.bytes_sent == status.size
+    assert stack.object_sha256(bucket, "drained.bin") == sha256_file(path)
