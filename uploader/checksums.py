@@ -13,12 +13,12 @@ import zlib
 from collections.abc import Iterable
 
 
-def crc32_b64(data: bytes) -> str:
+def crc32_b64(data: bytes | bytearray) -> str:
     """Base64 of the big-endian CRC32 of ``data``: the ``x-amz-checksum-crc32`` header value."""
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
-def md5_b64(data: bytes) -> str:
+def md5_b64(data: bytes | bytearray) -> str:
     """Base64 of the MD5 of ``data``: the ``Content-MD5`` header value."""
     return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
 

@@ -124,7 +124,7 @@ class ObjectStore:
         except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as exc:
             raise store_error(exc, action) from None
 
-    def _checksum_args(self, data: bytes) -> tuple[dict[str, str], str]:
+    def _checksum_args(self, data: bytes | bytearray) -> tuple[dict[str, str], str]:
         if self.checksum == "crc32":
             value = crc32_b64(data)
             return {"ChecksumCRC32": value}, value
@@ -141,7 +141,7 @@ class ObjectStore:
             kwargs["ChecksumAlgorithm"] = "CRC32"
         return self._call(f"CreateMultipartUpload s3://{bucket}/{key}", "create_multipart_upload", **kwargs)["UploadId"]
 
-    def upload_part(self, bucket: str, key: str, mpu_id: str, part_number: int, data: bytes) -> UploadedPart:
+    def upload_part(self, bucket: str, key: str, mpu_id: str, part_number: int, data: bytes | bytearray) -> UploadedPart:
         checksum_args, checksum = self._checksum_args(data)
         response = self._call(
             f"UploadPart {part_number} of s3://{bucket}/{key}",
@@ -224,7 +224,7 @@ class ObjectStore:
             kwargs["KeyMarker"] = response.get("NextKeyMarker")
             kwargs["UploadIdMarker"] = response.get("NextUploadIdMarker")
 
-    def part_checksum(self, data: bytes) -> str:
+    def part_checksum(self, data: bytes | bytearray) -> str:
         """The checksum this store sends with a part (what Complete must repeat)."""
         return self._checksum_args(data)[1]
 

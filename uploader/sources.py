@@ -37,9 +37,10 @@ class Source(Protocol):
 
     def fingerprint(self) -> Fingerprint: ...
 
-    def read_range(self, offset: int, length: int, expected: Fingerprint) -> bytes:
-        """Exactly ``length`` bytes from ``offset``, or :class:`SourceChanged` if the source no
-        longer matches ``expected``."""
+    def read_range(self, offset: int, length: int, expected: Fingerprint, into: bytearray | None = None) -> bytes | bytearray:
+        """Exactly ``length`` bytes from ``offset`` (read into ``into`` when given, which must be
+        ``length`` bytes long), or :class:`SourceChanged` if the source no longer matches
+        ``expected``."""
         ...
 
 
@@ -69,7 +70,7 @@ class LocalFileSource:
             raise SourceError(f"source {self.name!r} cannot be read: permission denied")
         return Fingerprint(size=st.st_size, mtime_ns=st.st_mtime_ns)
 
-    def read_range(self, offset: int, length: int, expected: Fingerprint) -> bytes:
+    def read_range(self, offset: int, length: int, expected: Fingerprint, into: bytearray | None = None) -> bytes | bytearray:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -83,11 +84,16 @@ class LocalFileSource:
                     f"source {self.name!r} changed since the upload began "
                     f"(size {expected.size} -> {st.st_size}); resume with restart to upload it again"
                 )
-            # One pread into one buffer: the part body is never copied again before it is sent.
-            data = os.pread(fd, length, offset)
+            # One read into one buffer: the part body is never copied again before it is sent.
+            if into is None:
+                data: bytes | bytearray = os.pread(fd, length, offset)
+                got = len(data)
+            else:
+                assert len(into) == length, "the buffer must have the part's length"
+                data, got = into, os.preadv(fd, [into], offset)
         finally:
             os.close(fd)
-        if len(data) != length:
+        if got != length:
             raise SourceChanged(f"source {self.name!r} is shorter than when the upload began")
         return data
 

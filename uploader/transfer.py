@@ -7,6 +7,7 @@ again, and a part sent to an older attempt's multipart upload is fenced out when
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from uploader.checkpoint import UploadRecord
@@ -68,7 +69,9 @@ def _send_part(
     upload_id = record.upload_id
     try:
         source = open_source(record.source, ctx.settings.source_roots)
-        data = source.read_range(offset, length, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))
+        data = source.read_range(
+            offset, length, Fingerprint(size=record.size, mtime_ns=record.mtime_ns), into=part_buffer(length)
+        )
     except (SourceError, SourceChanged) as exc:
         fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
@@ -85,6 +88,22 @@ def _send_part(
         raise
     outcome = store.record_part(upload_id, mpu_id, part_number, uploaded, length)
     return PartOutcome(outcome, length)
+
+
+_buffers = threading.local()
+
+
+def part_buffer(length: int) -> bytearray:
+    """This thread's reusable buffer of ``length`` bytes. Reusing it keeps a worker's memory at
+    about part size x threads: fresh multi-MiB buffers per part make glibc's per-thread arenas
+    hold on to freed ones, and the process grows well past that."""
+    cached: dict[int, bytearray] = _buffers.__dict__.setdefault("by_length", {})
+    buffer = cached.get(length)
+    if buffer is None:
+        if len(cached) >= 2:  # at most a full-size and a last-part buffer per thread
+            cached.clear()
+        buffer = cached[length] = bytearray(length)
+    return buffer
 
 
 def put_single(ctx: UploaderContext, upload_id: str, generation: int, token: str) -> str:
