@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test]"
 	@touch $(STAMP)
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install -q -e ".[test,bench]"
+	@touch $@
 
 demo: setup
 	$(BIN)/uploader demo
@@ -30,7 +34,7 @@ demo: setup
 test: setup
 	$(BIN)/pytest
 
-bench: setup
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench
 
 clean:

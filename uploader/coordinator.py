@@ -312,8 +312,12 @@ class Coordinator:
         }
 
     def _check_bucket(self, bucket: str) -> None:
+        seen = _buckets_seen.get((self.settings.s3_endpoint_url, bucket))
+        if seen is not None and time.monotonic() - seen < BUCKET_CHECK_SECONDS:
+            return  # a round trip per small upload costs as much as the upload itself
         try:
             self.objects.head_bucket(bucket)
+            _buckets_seen[(self.settings.s3_endpoint_url, bucket)] = time.monotonic()
         except PermanentStoreError as exc:
             # Policies that allow PutObject but not ListBucket answer 403 here: let the upload
             # itself find out. A missing bucket is refused now, before anything is created.
@@ -322,6 +326,12 @@ class Coordinator:
 
     def _dispatch_lock(self, upload_id: str) -> _Lock:
         return _Lock(self, upload_id)
+
+
+#: Seconds a bucket seen to exist is not checked again (a deleted bucket then fails the upload
+#: at its first request, with the same clear NoSuchBucket reason).
+BUCKET_CHECK_SECONDS = 60
+_buckets_seen: dict[tuple[str | None, str], float] = {}
 
 
 class _Lock:

@@ -10,11 +10,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from uploader.checkpoint import UploadRecord
+from uploader.checkpoint.store import PartJob
 from uploader.checksums import md5_b64_to_etag
 from uploader.context import UploaderContext
 from uploader.errors import PermanentStoreError, SourceChanged, SourceError, UploaderError
-from uploader.planner import PartPlan
 from uploader.sources import Fingerprint, open_source
 from uploader.completion import mark_failed
 
@@ -42,52 +41,43 @@ def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generati
     ``failed`` with the reason and are re-raised.
     """
     store = ctx.checkpoint
-    record = store.get(upload_id)
-    if record is None:
-        return PartOutcome("inactive:missing")
-    if record.state != "uploading":
-        return PartOutcome(f"inactive:{record.state}")
-    offset, length = PartPlan(record.size, record.part_size, record.part_count).part_range(part_number)
-    verdict, mpu_id = store.begin_part(upload_id, part_number, length, generation, owner)
+    verdict, job = store.begin_part(upload_id, part_number, generation, owner)
     if verdict == "recorded":
         return PartOutcome("already-recorded")
     if verdict in ("stale", "leased"):
         return PartOutcome(verdict)
-    if verdict != "send":
-        return PartOutcome(f"inactive:{mpu_id}")
+    if not isinstance(job, PartJob):
+        return PartOutcome(f"inactive:{job}")
     try:
-        return _send_part(ctx, record, part_number, offset, length, mpu_id, generation)
+        return _send_part(ctx, job, generation)
     except BaseException:
         store.release_part(upload_id, part_number, owner)  # a retry or resume takes it over
         raise
 
 
-def _send_part(
-    ctx: UploaderContext, record: UploadRecord, part_number: int, offset: int, length: int, mpu_id: str, generation: int
-) -> PartOutcome:
+def _send_part(ctx: UploaderContext, job: PartJob, generation: int) -> PartOutcome:
     store = ctx.checkpoint
-    upload_id = record.upload_id
+    upload_id, part_number = job.upload_id, job.part_number
     try:
-        source = open_source(record.source, ctx.settings.source_roots)
-        data = source.read_range(
-            offset, length, Fingerprint(size=record.size, mtime_ns=record.mtime_ns), into=part_buffer(length)
-        )
+        source = open_source(job.source, ctx.settings.source_roots)
+        expected = Fingerprint(size=job.size, mtime_ns=job.mtime_ns)
+        data = source.read_range(job.offset, job.length, expected, into=part_buffer(job.length))
     except (SourceError, SourceChanged) as exc:
         fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
     if ctx.throttle is not None:
-        ctx.throttle.acquire(length)
+        ctx.throttle.acquire(job.length)
     try:
-        uploaded = ctx.objects.upload_part(record.bucket, record.key, mpu_id, part_number, data)
+        uploaded = ctx.objects.upload_part(job.bucket, job.key, job.mpu_id, part_number, data)
     except PermanentStoreError as exc:
         current = store.get(upload_id)
-        if current is None or current.state != "uploading" or current.mpu_id != mpu_id:
+        if current is None or current.state != "uploading" or current.mpu_id != job.mpu_id:
             # Cancelled or restarted while we were sending: the server dropped the old upload.
-            return PartOutcome(f"inactive:{current.state if current else 'missing'}", length)
+            return PartOutcome(f"inactive:{current.state if current else 'missing'}", job.length)
         fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
-    outcome = store.record_part(upload_id, mpu_id, part_number, uploaded, length)
-    return PartOutcome(outcome, length)
+    outcome = store.record_part(upload_id, job.mpu_id, part_number, uploaded, job.length)
+    return PartOutcome(outcome, job.length)
 
 
 _buffers = threading.local()
@@ -128,12 +118,15 @@ def put_single(ctx: UploaderContext, upload_id: str, generation: int, token: str
         fail_permanently(ctx, upload_id, str(exc), generation)
         raise
     expected = md5_b64_to_etag(response["ContentMD5"])
-    head = ctx.objects.head_object(record.bucket, record.key)
     problems = []
-    if head["ContentLength"] != record.size:
-        problems.append(f"stored size {head['ContentLength']} != source size {record.size}")
-    if head.get("ETag") != expected:
-        problems.append(f"stored ETag {head.get('ETag')} != MD5 of the source {expected}")
+    etag = response.get("ETag", "")
+    verified = "md5"  # the server checked Content-MD5, and its ETag repeats the MD5 it stored
+    if etag != expected:
+        # Servers that encrypt (SSE-KMS) answer with another ETag: check the stored size instead.
+        head = ctx.objects.head_object(record.bucket, record.key)
+        etag, verified = head.get("ETag", ""), "size"
+        if head["ContentLength"] != record.size:
+            problems.append(f"stored size {head['ContentLength']} != source size {record.size}")
     if problems:
         fail_permanently(ctx, upload_id, "verification failed: " + "; ".join(problems), generation)
         raise UploaderError(f"upload {upload_id}: verification failed: " + "; ".join(problems))
@@ -141,7 +134,7 @@ def put_single(ctx: UploaderContext, upload_id: str, generation: int, token: str
         upload_id,
         token,
         ctx.settings.retention_seconds,
-        {"final_etag": head.get("ETag", ""), "verified": "size+md5", "parts_done": 1, "bytes_done": record.size},
+        {"final_etag": etag, "verified": verified, "parts_done": 1, "bytes_done": record.size},
     )
     return "completed"
 

@@ -34,7 +34,6 @@ app.conf.update(
     worker_cancel_long_running_tasks_on_connection_loss=True,
     # Flower sees tasks only through events.
     worker_send_task_events=True,
-    task_track_started=True,
     worker_concurrency=settings.worker_concurrency,
     worker_pool="threads",
     worker_hijack_root_logger=False,

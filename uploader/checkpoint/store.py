@@ -104,6 +104,22 @@ class UploadRecord:
         return self.state in TERMINAL_STATES
 
 
+@dataclass(frozen=True)
+class PartJob:
+    """What a part task needs to send one part, as ``begin_part`` hands it out."""
+
+    upload_id: str
+    part_number: int
+    mpu_id: str
+    source: str
+    bucket: str
+    key: str
+    size: int
+    mtime_ns: int
+    offset: int
+    length: int
+
+
 class _Scripts:
     """The Lua transitions, loaded once per Redis client and called by name."""
 
@@ -227,13 +243,16 @@ class CheckpointStore:
     def discard(self, upload_id: str) -> str:
         return self._run("discard_upload", [*self._keys(upload_id), self.index_key], [upload_id])
 
-    def begin_part(self, upload_id: str, part_number: int, size: int, generation: int, owner: str) -> tuple[str, str]:
-        """``("send", mpu_id)``, ``("recorded", "")``, ``("stale", "")``, ``("leased", "")`` or
+    def begin_part(self, upload_id: str, part_number: int, generation: int, owner: str) -> tuple[str, PartJob | str]:
+        """``("send", job)``, ``("recorded", "")``, ``("stale", "")``, ``("leased", "")`` or
         ``("inactive", state)``. ``owner`` is ``"<worker name>|<task id>"``."""
-        result = self._run(
-            "begin_part", self._keys(upload_id), [part_number, size, generation, owner, self.worker_key("")]
+        result = self._run("begin_part", self._keys(upload_id), [part_number, generation, owner, self.worker_key("")])
+        if result[0] != "send":
+            return result[0], (result[1] if len(result) > 1 else "")
+        mpu_id, source, bucket, key, size, mtime_ns, offset, length = result[1:]
+        return "send", PartJob(
+            upload_id, part_number, mpu_id, source, bucket, key, int(size), int(mtime_ns), int(offset), int(length)
         )
-        return result[0], (result[1] if len(result) > 1 else "")
 
     def release_part(self, upload_id: str, part_number: int, owner: str) -> None:
         self._run("release_part", [self.inflight_key(upload_id)], [part_number, owner])
