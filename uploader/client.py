@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from celery import Celery
@@ -51,29 +51,10 @@ class UploadStatus:
 
     @classmethod
     def from_record(cls, record: UploadRecord) -> UploadStatus:
-        parts_done = record.parts_done
-        bytes_done = record.bytes_done
-        if record.state == "completed":
-            parts_done, bytes_done = record.part_count, record.size
-        return cls(
-            upload_id=record.upload_id,
-            state=record.state,
-            source=record.source,
-            bucket=record.bucket,
-            key=record.key,
-            size=record.size,
-            bytes_done=bytes_done,
-            parts_done=parts_done,
-            part_count=record.part_count,
-            part_size=record.part_size,
-            error=record.error,
-            final_etag=record.final_etag,
-            verified=record.verified,
-            created=record.created,
-            updated=record.updated,
-            finished=record.finished,
-            bytes_sent=record.bytes_sent,
-        )
+        values = {f.name: getattr(record, f.name) for f in fields(cls)}
+        if record.state == "completed":  # a single PUT records no parts
+            values.update(parts_done=record.part_count, bytes_done=record.size)
+        return cls(**values)
 
     @property
     def terminal(self) -> bool:
