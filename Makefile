@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test chaos bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest
+
+chaos: setup
+	UPLOADER_CHAOS_SCALE=full $(BIN)/pytest tests/chaos -s
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench
