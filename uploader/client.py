@@ -106,7 +106,12 @@ class Uploader:
         """Continue an upload from its checkpoint; returns what was dispatched. Raises
         :class:`~uploader.errors.SourceChanged` if the source changed (pass ``restart=True`` to
         abort the old multipart upload and start over)."""
-        self.status(upload_id)  # a clear UploadNotFound before anything is sent
+        if self.checkpoint.get(upload_id) is None:
+            raise UploadNotFound(
+                f"no checkpoint for upload {upload_id!r} (never submitted, refused, expired or lost). If its "
+                f"checkpoint was lost, submit the same request again with upload_id={upload_id!r}: parts "
+                "already on the server are found and kept"
+            )
         result = self.celery.send_task(contract.RESUME_UPLOAD, kwargs={"upload_id": upload_id, "restart": restart})
         return _task_outcome(result, timeout)
 
