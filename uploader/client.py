@@ -22,7 +22,9 @@ from uploader.config import Settings, get_settings
 from uploader.errors import InvalidRequest, UploadCancelled, UploadFailed, UploaderError, UploadNotFound
 from uploader.request import parse_request
 
-#: Seconds between checkpoint polls while waiting.
+#: Seconds between checkpoint polls while waiting: the first polls come quickly (a small upload
+#: finishes in milliseconds), then back off to the longest interval. A poll is one Redis read.
+FIRST_POLL_INTERVAL = 0.002
 POLL_INTERVAL = 0.1
 
 
@@ -151,6 +153,7 @@ class Uploader:
     ) -> Iterator[UploadStatus]:
         """Yield the status every poll interval until it is terminal (the last one yielded)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        interval = FIRST_POLL_INTERVAL
         while True:
             record = self.checkpoint.get(upload_id)
             if record is None:
@@ -163,7 +166,8 @@ class Uploader:
                     return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"upload {upload_id} did not finish within {timeout} s")
-            time.sleep(POLL_INTERVAL)
+            time.sleep(interval)
+            interval = min(POLL_INTERVAL, interval * 1.5)
 
 
 class UploadHandle:
