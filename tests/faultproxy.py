@@ -4,6 +4,21 @@ It forwards every request to the upstream S3 endpoint and, for requests the ``ta
 predicate selects, injects a fault instead with probability ``rate``: ``503`` (S3's SlowDown),
 ``500`` (InternalError), ``reset`` (close the connection after reading part of the body) or
 ``forbidden`` (403 AccessDenied, a permanent error). Counts of what it did are kept for asserts.
+
+Three faults still forward the request, so the upstream does handle it:
+
+* ``slow``: wait ``slow_seconds`` before forwarding (a slow server or a congested path);
+* ``truncated``: send the upstream's status line and headers with a ``Content-Length`` for the
+  whole body (at least 1 KiB: an UploadPart answer has an empty body, so one is announced that
+  never arrives), then only half of the body, then close the connection. The request took effect
+  on the server although its answer was cut short. (botocore reads bodies with
+  ``enforce_content_length=False``, so it accepts a short body whose headers are complete.)
+* ``lost``: close the connection before sending any answer: the request took effect, but the
+  client sees a connection error and sends it again.
+
+``fault`` is one kind, or a sequence of kinds: each injected fault then picks one of them at
+random (seeded). ``events`` records ``(monotonic time, method, path, what)`` for every targeted
+request, ``what`` being ``forwarded`` or the fault injected.
 """
 
 from __future__ import annotations
@@ -12,8 +27,9 @@ import http.client
 import random
 import socket
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -22,6 +38,10 @@ _ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "forbidden": (403, "AccessDenied", "Access Denied"),
 }
+
+
+#: Every kind of fault the proxy can inject.
+FAULT_KINDS = ("503", "500", "forbidden", "reset", "slow", "truncated", "lost")
 
 
 def is_upload_part(method: str, path: str) -> bool:
@@ -33,16 +53,19 @@ class FaultProxy:
         self,
         upstream: str,
         *,
-        fault: str = "503",
+        fault: str | Sequence[str] = "503",
         rate: float = 0.0,
         targets: Callable[[str, str], bool] = is_upload_part,
         seed: int = 1234,
+        slow_seconds: float = 2.0,
     ) -> None:
         self.upstream = urlsplit(upstream)
         self.fault = fault
         self.rate = rate
         self.targets = targets
+        self.slow_seconds = slow_seconds
         self.counts: Counter[str] = Counter()
+        self.events: list[tuple[float, str, str, str]] = []
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         proxy = self
@@ -55,16 +78,21 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if proxy.targets(self.command, self.path) and proxy._roll():
-                    proxy._count(f"injected-{proxy.fault}")
-                    if proxy.fault == "reset":
-                        self.rfile.read(min(length, 64 * 1024))
-                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                        self.connection.close()
-                        self.close_connection = True
-                        return
+                targeted = proxy.targets(self.command, self.path)
+                fault = proxy._pick() if targeted else None
+                if fault is not None:
+                    proxy._count(f"injected-{fault}")
+                if targeted:
+                    proxy._event(self.command, self.path, fault or "forwarded")
+                if fault == "reset":
+                    self.rfile.read(min(length, 64 * 1024))
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if fault in _ERRORS:
                     self.rfile.read(length)
-                    status, code, message = _ERRORS[proxy.fault]
+                    status, code, message = _ERRORS[fault]
                     body = (
                         f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                         f"<Message>{message}</Message></Error>"
@@ -76,6 +104,8 @@ class FaultProxy:
                     self.wfile.write(body)
                     return
                 body = self.rfile.read(length) if length else None
+                if fault == "slow":
+                    time.sleep(proxy.slow_seconds)
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -85,6 +115,13 @@ class FaultProxy:
                 finally:
                     conn.close()
                 proxy._count("forwarded")
+                if fault == "truncated":
+                    self._send_truncated(response, payload)
+                    return
+                if fault == "lost":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
                 self.send_response(response.status, response.reason)
                 for name, value in response.getheaders():
                     if name.lower() not in {"connection", "transfer-encoding", "content-length"}:
@@ -95,6 +132,18 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
+
+            def _send_truncated(self, response: http.client.HTTPResponse, payload: bytes) -> None:
+                self.send_response(response.status, response.reason)
+                for name, value in response.getheaders():
+                    if name.lower() not in {"connection", "transfer-encoding", "content-length"}:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(max(len(payload), 1024)))
+                self.end_headers()
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -107,6 +156,24 @@ class FaultProxy:
     def _roll(self) -> bool:
         with self._lock:
             return self._random.random() < self.rate
+
+    def _pick(self) -> str | None:
+        """The fault to inject into this request, or ``None`` to forward it untouched."""
+        with self._lock:
+            if not self._random.random() < self.rate:
+                return None
+            if isinstance(self.fault, str):
+                return self.fault
+            return self._random.choice(list(self.fault))
+
+    def _event(self, method: str, path: str, what: str) -> None:
+        with self._lock:
+            self.events.append((time.monotonic(), method, path, what))
+
+    def injected(self) -> int:
+        """How many faults were injected, of every kind."""
+        with self._lock:
+            return sum(n for what, n in self.counts.items() if what.startswith("injected-"))
 
     def _count(self, what: str) -> None:
         with self._lock:

@@ -153,7 +153,12 @@ class ObjectStore:
             Body=data,
             **checksum_args,
         )
-        return UploadedPart(etag=response["ETag"], checksum=checksum)
+        etag = response.get("ETag")
+        if not etag:  # a response cut off inside its headers can parse as a bare 200
+            error = TransientStoreError(f"UploadPart {part_number} of s3://{bucket}/{key}: response without an ETag")
+            error.code = "MissingETag"  # type: ignore[attr-defined]
+            raise error
+        return UploadedPart(etag=etag, checksum=checksum)
 
     def complete_multipart_upload(
         self, bucket: str, key: str, mpu_id: str, parts: list[tuple[int, UploadedPart]]

@@ -22,8 +22,13 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from uploader.objectstore import UploadedPart
+
+#: Reconnection attempts per command (backoff up to 2 s each: about a minute in all).
+RECONNECT_ATTEMPTS = 30
 
 STATES = ("creating", "uploading", "completing", "completed", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
@@ -145,8 +150,17 @@ class CheckpointStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "uploader") -> CheckpointStore:
+        # Ride out a Redis restart (tens of seconds with a large AOF) instead of failing the task
+        # in hand: a part already on the server must still be recorded and its lease released,
+        # or the upload waits on a lease nobody will release. A retried script whose first run
+        # took effect answers as a duplicate would ("duplicate", "already", ...).
         client = redis.Redis.from_url(
-            url, decode_responses=True, health_check_interval=30, socket_keepalive=True, retry_on_timeout=True
+            url,
+            decode_responses=True,
+            health_check_interval=30,
+            socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), RECONNECT_ATTEMPTS),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
         )
         return cls(client, prefix=prefix)
 

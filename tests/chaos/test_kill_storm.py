@@ -1,0 +1,138 @@
+"""Scenario 1: a SIGKILL storm. Workers die at random during a multi-part upload and new ones
+take their place; nobody calls ``resume``: the stall reconciler under a real ``celery beat``
+re-dispatches the parts killed workers held once their heartbeat lapses."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.chaos.conftest import (
+    GiB,
+    PART,
+    SEED,
+    TIMEOUT,
+    Report,
+    Stuck,
+    inflight_leases,
+    scaled,
+    wait_status,
+    wait_terminal,
+    worker_log_lines,
+)
+from tests.conftest import Stack
+from uploader.localstack import Beat, Worker
+from uploader.planner import MiB
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]
+
+SIZE = scaled(80 * MiB + 12345, 1 * GiB + 12345)
+#: Per worker process: keeps the upload running through every kill round.
+BANDWIDTH = scaled(2 * MiB, 4 * MiB)
+KILLS = scaled(5, 40)
+WORKERS = 3
+
+
+def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(SEED)
+    stack: Stack = make_stack(
+        UPLOADER_WORKER_HEARTBEAT_SECONDS="2",
+        UPLOADER_STALL_SECONDS="3",
+        UPLOADER_RECONCILE_INTERVAL="1",
+        # Only a completer killed mid-way would hold this lease; keep recovery quick if one is.
+        UPLOADER_COMPLETION_LEASE_SECONDS="10",
+    )
+    live: list[Worker] = []
+    concurrency: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def spawn(n: int, c: int) -> Worker:
+        worker = stack.start_worker(f"storm{n}", concurrency=c, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH))
+        with lock:
+            concurrency[worker.name] = c
+            live.append(worker)
+        return worker
+
+    pool = ThreadPoolExecutor(WORKERS + 1)
+    beat = None
+    try:
+        # The first workers and the beat start side by side (each takes seconds on a busy machine).
+        firsts = [pool.submit(spawn, n, rng.choice([2, 3, 4])) for n in range(1, WORKERS + 1)]
+        beat_started = pool.submit(Beat, stack.workdir, stack.env)
+        try:
+            for f in firsts:
+                f.result()
+        finally:
+            beat = beat_started.result()
+        started = WORKERS
+        bucket = stack.new_bucket()
+        path = stack.make_file(SIZE)
+        handle = stack.uploader.submit(str(path), f"s3://{bucket}/storm.bin", part_size=PART)
+        handle.accepted(timeout=60)
+        wait_status(stack, handle.upload_id, lambda s: s.parts_done >= 1, 60, "a first part")
+
+        killed: list[tuple[str, int, int]] = []  # (worker, its concurrency, parts done at the kill)
+        replacements = []
+        while len(killed) < KILLS:
+            time.sleep(rng.uniform(1.5, 2.5))
+            status = stack.uploader.status(handle.upload_id)
+            # Kill only while parts are moving: a completer killed mid-Complete would (rightly)
+            # be taken over, which is another scenario than this one.
+            if status.state != "uploading" or status.parts_done >= status.part_count - 1:
+                break
+            with lock:
+                if not live:  # every worker died and none of the replacements is ready yet
+                    continue
+                victim = rng.choice(live)
+                live.remove(victim)
+            victim.kill()
+            victim.proc.wait(10)
+            killed.append((victim.name, concurrency[victim.name], status.parts_done))
+            # The replacement starts in the background: the next kill does not wait for it.
+            started += 1
+            replacements.append(pool.submit(spawn, started, rng.choice([2, 3, 4])))
+        for f in replacements:
+            f.result()
+
+        try:
+            final = wait_terminal(stack, handle.upload_id, timeout=scaled(200, 1800), stuck_after=scaled(60, 300))
+        except Stuck as exc:
+            final = exc.status or stack.uploader.status(handle.upload_id)
+            report.problem(
+                f"{exc}; in-flight leases {inflight_leases(stack, handle.upload_id)}\n"
+                + "\n".join(worker_log_lines(stack, rf"{handle.upload_id}.*(ERROR|WARNING)|Traceback|reconcile"))
+            )
+    finally:
+        pool.shutdown(wait=True)
+        if beat is not None:
+            beat.stop()
+
+    report.fault("sigkill", len(killed))
+    report.check_completed(stack, handle.upload_id, path, bucket, "storm.bin")
+    record = stack.uploader.checkpoint.get(handle.upload_id)
+    assert record is not None
+    resent = final.bytes_sent - final.size if final.state == "completed" else final.bytes_sent - final.bytes_done
+    bound = sum(c for _, c, _ in killed) * PART
+    reconciled = worker_log_lines(stack, rf"reconcile: upload {handle.upload_id}", limit=10_000)
+    report.extra.update(
+        {
+            "kills": len(killed),
+            "workers_started": started,
+            "parts": final.part_count,
+            "bytes_resent": resent,
+            "resent_bound": bound,
+            "generations": record.generation,
+            "reconciler_redispatches": len(reconciled),
+        }
+    )
+    if len(killed) < 2:
+        report.problem(f"only {len(killed)} kills happened before the upload finished: the scenario proved little")
+    if not 0 <= resent <= bound:
+        report.problem(f"re-sent {resent} bytes, more than kills x concurrency x part size = {bound}")
+    if final.state not in ("completed", "uploading"):
+        report.problem(f"ended {final.state}: {final.error}\n" + "\n".join(worker_log_lines(stack, rf"{handle.upload_id}.*(ERROR|WARNING)|Traceback")))
+    report.finish(stack)
