@@ -42,7 +42,8 @@ def dispatch(plan: Dispatch) -> None:
 
 def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str, generation: int = 0) -> None:
     """Retry ``task`` with exponential backoff and full jitter, or fail the upload once the
-    configured retries are spent."""
+    configured retries are spent. (The tasks set Celery's own ``max_retries=None``: with its
+    default of 3, Celery would raise past this limit without failing the upload.)"""
     settings = default_context().settings
     retries = task.request.retries
     if retries >= settings.part_max_retries:
@@ -53,10 +54,10 @@ def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: st
         factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
     )
     log.warning("upload %s: %s: %s; retry %d in %ds", upload_id, what, exc, retries + 1, countdown)
-    raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+    raise task.retry(exc=exc, countdown=countdown)
 
 
-@app.task(name=contract.START_UPLOAD, bind=True)
+@app.task(name=contract.START_UPLOAD, bind=True, max_retries=None)
 def start_upload(self: Any, **request: Any) -> str:
     parsed = parse_request(request)
     assert parsed.upload_id is not None
@@ -67,7 +68,7 @@ def start_upload(self: Any, **request: Any) -> str:
     return parsed.upload_id
 
 
-@app.task(name=contract.RESUME_UPLOAD, bind=True)
+@app.task(name=contract.RESUME_UPLOAD, bind=True, max_retries=None)
 def resume_upload(self: Any, upload_id: str, restart: bool = False) -> dict[str, Any]:
     try:
         plan = Coordinator(default_context()).resume(upload_id, dispatch, restart=restart)
@@ -81,7 +82,7 @@ def cancel_upload(upload_id: str) -> str:
     return Coordinator(default_context()).cancel(upload_id)
 
 
-@app.task(name=contract.UPLOAD_PART, bind=True)
+@app.task(name=contract.UPLOAD_PART, bind=True, max_retries=None)
 def upload_part(self: Any, upload_id: str, part_number: int, generation: int) -> str:
     ctx = default_context()
     try:
@@ -99,7 +100,7 @@ def upload_part(self: Any, upload_id: str, part_number: int, generation: int) ->
     return outcome.outcome
 
 
-@app.task(name=contract.PUT_OBJECT, bind=True)
+@app.task(name=contract.PUT_OBJECT, bind=True, max_retries=None)
 def put_object(self: Any, upload_id: str, generation: int) -> str:
     try:
         return transfer.put_single(default_context(), upload_id, generation, token=self.request.id)
@@ -108,7 +109,7 @@ def put_object(self: Any, upload_id: str, generation: int) -> str:
         raise
 
 
-@app.task(name=contract.COMPLETE_UPLOAD, bind=True)
+@app.task(name=contract.COMPLETE_UPLOAD, bind=True, max_retries=None)
 def complete_upload(self: Any, upload_id: str, generation: int) -> str:
     ctx = default_context()
     try:
@@ -123,7 +124,7 @@ def complete_upload(self: Any, upload_id: str, generation: int) -> str:
     elif outcome.verdict == "wait":
         # Only parts leased to live workers are missing: they will record and trigger completion;
         # look again once a lease could have lapsed, in case their worker dies first.
-        raise self.retry(countdown=ctx.settings.worker_heartbeat_seconds, max_retries=None)
+        raise self.retry(countdown=ctx.settings.worker_heartbeat_seconds)
     return outcome.verdict
 
 
