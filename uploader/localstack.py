@@ -134,6 +134,10 @@ class SeaweedS3(_Process):
             f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
             f"-admin.port={ports['admin']}", f"-admin.port.grpc={free_port()}", "-admin.ui=false",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Every bucket is a collection that grows volumes of its own; the default limit
+            # (free disk / volume size) runs out after a few dozen buckets on a fuller disk.
+            # Volumes are not preallocated, so a high limit costs nothing.
+            "-volume.max=5000",
         ]
         super().__init__(argv, workdir / "seaweedfs.log", cwd=data)
         wait_until(self._ready, 60, f"SeaweedFS S3 on port {self.port}", interval=0.2)
