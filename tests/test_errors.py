@@ -74,7 +74,8 @@ def test_permanent_error_fails_at_once_and_abort_on_failure_cleans_up(make_stack
         handle.wait(timeout=60)
     # Failed at once: no retries of a permanent error.
     assert proxy.counts["injected-forbidden"] <= 3
-    assert stack.open_multipart_uploads(bucket) == []
+    # The state turns "failed" first, then the worker aborts the multipart upload.
+    wait_until(lambda: stack.open_multipart_uploads(bucket) == [], 30, "the multipart upload to be aborted")
 
 
 def test_multipart_upload_aborted_behind_our_back_fails_then_resume_starts_cleanly(make_stack) -> None:  # type: ignore[no-untyped-def]
