@@ -22,11 +22,16 @@ from any stage (none, creating, uploading, all parts recorded, completing).
 Lease expiry is modelled with ``lease_seconds=0`` (lapsed by the next call) or an hour (live);
 a worker's heartbeat expiring is modelled by deleting its heartbeat key.
 
-``KNOWN_BUGS`` lists properties the current Lua scripts violate (see each entry; the xfail tests
-at the end reproduce each one). The model follows what the scripts actually do, and each listed
-property is relaxed only as far as its bug needs, so the rest keeps being checked. Run with
-``CHECKPOINT_MACHINE_STRICT=1`` (or ``=<bug name>``) to check the properties in full: hypothesis
-then prints a minimal sequence for a bug.
+Parts numbered outside the plan are refused (``stale`` from the store), leases are released only
+by a record of the current attempt, and parts are forgotten only while ``uploading`` or
+``failed``: the model expects exactly that. The tests at the end replay, as minimal sequences, the
+bugs this machine found in earlier scripts.
+
+``KNOWN_BUGS`` lists properties the scripts are known to violate (none today): the model then
+follows what the scripts do and relaxes each listed property only as far as its bug needs, with a
+``xfail(strict=True)`` test per bug. ``CHECKPOINT_MACHINE_STRICT=1`` (or ``=<bug name>``) checks
+them in full, so that hypothesis prints a minimal sequence. ``CHECKPOINT_MACHINE_EXAMPLES=<n>``
+runs more examples than the default (e.g. 2000 before changing a script).
 """
 
 from __future__ import annotations
@@ -64,40 +69,14 @@ PART_SIZE = 10
 MTIME_NS = 1_700_000_000_123_456_789
 MAX_PARTS = 4
 
-# Properties the scripts violate today; each is relaxed (not ignored) where marked ``KNOWN:``.
-_ALL_KNOWN_BUGS = frozenset(
-    {
-        # record_part.lua runs ``HDEL inflight <part>`` before its state and mpu-id checks, so a
-        # stale task's record (wrong mpu id: "fenced") still deletes the in-flight lease a
-        # current task holds on that part number. missing_parts() then reports the part as
-        # unleased and a resume/reconciler sends it again while the holder is still sending.
-        "fenced_record_part_drops_lease",
-        # restart_upload.lua accepts "completing" whatever the lease, unlike reopen_upload.lua
-        # and cancel_upload.lua, which refuse while the completer's lease is live. A restart
-        # (resume --restart, or NoSuchUpload seen by resume because the completer's Complete
-        # just succeeded) wipes the parts and the lease under a completer that is calling
-        # CompleteMultipartUpload: the object gets completed and then uploaded again.
-        "restart_ignores_live_completion_lease",
-        # forget_parts.lua is fenced by mpu id only, not by state: it deletes parts (and lowers
-        # parts_done/bytes_done) of a completed or cancelled upload, or of one "completing" under
-        # a live lease. Coordinator.resume reads the state, then lists parts and forgets, so a
-        # completion in between loses parts from a completed checkpoint. And after parts are
-        # forgotten while "completing", a token taking over the lapsed lease gets "go" with parts
-        # missing: begin_completion.lua checks the parts only when coming from "uploading".
-        "forget_parts_ignores_state",
-        # record_part.lua accepts any part number and begin_completion.lua compares the
-        # *count* parts_done with part_count, so recording a number outside 1..part_count
-        # (e.g. part 4 of a 2-part upload) lets begin_completion say "go" with part 2 missing
-        # (record_part even answers "last"); begin_part hands such a part out with an offset past
-        # the end and a negative length (lowering bytes_sent). complete_upload() re-checks the
-        # hash and fails the upload instead of completing early, and today's callers only use
-        # planned part numbers: latent, not reachable from the tasks.
-        "out_of_range_part_counts_as_done",
-    }
-)
+# Properties the scripts violate today, each relaxed (not ignored) where the model says ``KNOWN:``.
+# Empty: the four bugs the machine found (a fenced record_part dropping the current lease, restart
+# under a live completion lease, forget_parts in any state, part numbers outside the plan) are fixed.
+_ALL_KNOWN_BUGS: frozenset[str] = frozenset()
 # CHECKPOINT_MACHINE_STRICT=1 checks every property in full; =<name>[,<name>] only the named ones.
 _STRICT = {s.strip() for s in os.environ.get("CHECKPOINT_MACHINE_STRICT", "").split(",") if s.strip()}
 KNOWN_BUGS = frozenset() if _STRICT & {"1", "all"} else _ALL_KNOWN_BUGS - _STRICT
+MAX_EXAMPLES = int(os.environ.get("CHECKPOINT_MACHINE_EXAMPLES", "300"))
 
 
 def _known(bug: str) -> bool:
@@ -129,7 +108,6 @@ class Model:
     completed_ok: int = 0
     ever_cancelled: bool = False
     frozen_parts: dict[str, str] | None = None  # the parts hash when it was completed
-    forgot_while_completing: bool = False  # KNOWN: forget_parts_ignores_state
 
     def clear_lease(self) -> None:
         self.lease_token = None
@@ -220,11 +198,8 @@ class CheckpointMachine(RuleBasedStateMachine):
         m.complete_calls += 1
         recorded = {int(n) for n in self.real_parts(uid)}
         complete = m.mode == "single" or recorded >= set(range(1, m.part_count + 1))
-        excused = (_known("out_of_range_part_counts_as_done") and any(n > m.part_count for n in recorded)) or (
-            _known("forget_parts_ignores_state") and m.forgot_while_completing
-        )
         _require(
-            complete or excused,
+            complete,
             f"begin_completion said go for {uid} with parts {sorted(recorded)} of 1..{m.part_count} recorded",
         )
 
@@ -318,6 +293,8 @@ class CheckpointMachine(RuleBasedStateMachine):
             expected = ("inactive", m.state or "missing")
         elif gen < m.generation:
             expected = ("stale", "")
+        elif not 1 <= number <= m.part_count:
+            expected = ("stale", "")  # the script's "unplanned": no byte range, nothing leased or counted
         elif number in m.parts:
             expected = ("recorded", "")
         else:
@@ -327,7 +304,7 @@ class CheckpointMachine(RuleBasedStateMachine):
             else:
                 size = m.part_count * PART_SIZE
                 offset = (number - 1) * PART_SIZE
-                length = min(PART_SIZE, size - offset)  # KNOWN: negative past the last part
+                length = min(PART_SIZE, size - offset)
                 job = PartJob(
                     uid, number, m.mpu or "", "/data/src.bin", "bucket", "key", size, MTIME_NS, offset, length
                 )
@@ -340,7 +317,7 @@ class CheckpointMachine(RuleBasedStateMachine):
             job = result[1]
             assert isinstance(job, PartJob)
             _require(
-                0 < job.length <= PART_SIZE or (_known("out_of_range_part_counts_as_done") and number > m.part_count),
+                1 <= number <= m.part_count and 0 < job.length <= PART_SIZE,
                 f"begin_part handed out part {number} of {uid} with length {job.length} (plan: {m.part_count} parts)",
             )
         return result
@@ -392,11 +369,16 @@ class CheckpointMachine(RuleBasedStateMachine):
         parts_before = self.real_parts(uid)
         part = UploadedPart(etag=f"etag-{number}-{size}", checksum="ck")
         result = self.store.record_part(uid, mpu, number, part, size)
-        m.inflight.pop(number, None)  # the script drops the part's lease first, whatever follows
+        if m.state is not None and m.mpu == mpu:
+            # Released by a record of the current attempt, in any state: a part finishing after
+            # the upload failed must not keep its number leased once it is resumed.
+            m.inflight.pop(number, None)
         if m.state not in ("uploading", "completing"):
             expected = f"inactive:{m.state or 'missing'}"
         elif m.mpu != mpu:
             expected = "fenced"
+        elif not 1 <= number <= m.part_count:
+            expected = "stale"  # the script's "unplanned": never counted towards completion
         elif number in m.parts:
             expected = "duplicate"
         else:
@@ -405,19 +387,15 @@ class CheckpointMachine(RuleBasedStateMachine):
         assert result == expected, f"record_part({uid}, {mpu}, {number}): {result} != {expected}"
         if result == "fenced":
             _require(self.real_parts(uid) == parts_before, "a fenced record_part changed the parts hash")
-            allowed = inflight_before
-            if _known("fenced_record_part_drops_lease"):  # KNOWN: see KNOWN_BUGS
-                allowed = {n: o for n, o in inflight_before.items() if n != str(number)}
             _require(
-                self.real_inflight(uid) == allowed,
+                self.real_inflight(uid) == inflight_before,
                 f"a fenced record_part (stale mpu {mpu}) changed the leases of {uid}: "
                 f"{inflight_before} -> {self.real_inflight(uid)}",
             )
         if result == "last":
             recorded = {int(n) for n in self.real_parts(uid)}
             _require(
-                recorded >= set(range(1, m.part_count + 1))
-                or (_known("out_of_range_part_counts_as_done") and any(n > m.part_count for n in recorded)),
+                recorded == set(range(1, m.part_count + 1)),
                 f"record_part answered last for {uid} with parts {sorted(recorded)} of 1..{m.part_count} recorded",
             )
         if result not in ("recorded", "last"):
@@ -446,24 +424,21 @@ class CheckpointMachine(RuleBasedStateMachine):
         recorded = st.sampled_from(sorted(m.parts)) | part_numbers if m.parts else part_numbers
         numbers = data.draw(st.sets(recorded, min_size=1, max_size=MAX_PARTS), label="parts")
         mpu = self.pick_mpu(m, mpu_choice)
+        parts_before = self.real_parts(uid)
         result = self.store.forget_parts(uid, mpu, sorted(numbers))
-        if m.mpu is None or m.mpu != mpu:
+        if m.state not in ("uploading", "failed"):
+            # Not while completing (even with a lapsed lease: a takeover's "go" does not count the
+            # parts again), and never from a completed or cancelled upload.
+            assert result == -2, f"forget_parts of a {m.state or 'missing'} upload {uid}: {result} != -2"
+        elif m.mpu is None or m.mpu != mpu:
             assert result == -1
-            return
-        forgotten = sorted(n for n in numbers if n in m.parts)
-        assert result == len(forgotten)
-        for n in forgotten:
-            del m.parts[n]
-        if forgotten and (m.state in ("completed", "cancelled") or (m.state == "completing" and m.lease_live)):
-            _require(
-                _known("forget_parts_ignores_state"),
-                f"forget_parts deleted parts {forgotten} of a {m.state} upload {uid}"
-                + (" under a live completion lease" if m.state == "completing" else ""),
-            )
-        if forgotten and m.state == "completing":
-            m.forgot_while_completing = True  # a later takeover "go" must not skip the parts check
-        if forgotten and m.frozen_parts is not None:  # KNOWN: forget_parts_ignores_state (completed)
-            m.frozen_parts = {n: v for n, v in m.frozen_parts.items() if int(n) not in forgotten}
+        else:
+            forgotten = sorted(n for n in numbers if n in m.parts)
+            assert result == len(forgotten)
+            for n in forgotten:
+                del m.parts[n]
+        if result < 0:
+            _require(self.real_parts(uid) == parts_before, f"a refused forget_parts ({result}) changed the parts")
 
     # -- workers ------------------------------------------------------------------------------
     @rule(worker=workers, alive=st.booleans())
@@ -593,7 +568,6 @@ class CheckpointMachine(RuleBasedStateMachine):
             m.state = "uploading"
             m.clear_lease()
             m.generation += 1
-            m.forgot_while_completing = False
             assert result == m.generation
 
     @rule(
@@ -609,17 +583,15 @@ class CheckpointMachine(RuleBasedStateMachine):
             part_count = 1
         new = self.fresh_mpu() if mode == "multipart" else ""
         fields = {"size": part_count * PART_SIZE, "part_size": PART_SIZE, "part_count": part_count, "mode": mode}
-        live_completion = m.state == "completing" and m.lease_live
         result = self.store.restart(uid, old, new, fields)
-        if m.state not in ("failed", "uploading", "completing"):
+        if m.state == "completing" and m.lease_live:
+            # Refused like reopen and cancel: the completer may be calling Complete right now.
+            _require(result == "completing", f"restart of {uid} under {m.lease_token}'s live lease: {result}")
+        elif m.state not in ("failed", "uploading", "completing"):
             assert result == (m.state or "missing")
         elif m.mpu != old:
             assert result == "fenced"
         else:
-            _require(
-                not live_completion or _known("restart_ignores_live_completion_lease"),
-                f"restart of {uid} succeeded under {m.lease_token}'s live completion lease",
-            )
             m.old_mpus.append(m.mpu)  # type: ignore[arg-type]
             m.mpu = new
             m.state = "uploading"
@@ -629,7 +601,6 @@ class CheckpointMachine(RuleBasedStateMachine):
             m.mode, m.part_count = mode, part_count
             m.attempt += 1
             m.generation += 1
-            m.forgot_while_completing = False
             assert result == m.generation
 
     @precondition(lambda self: self.completing_live())
@@ -744,7 +715,7 @@ def test_checkpoint_state_machine(redis_server) -> None:  # type: ignore[no-unty
         run_state_machine_as_test(
             CheckpointMachine,
             settings=settings(
-                max_examples=300,
+                max_examples=MAX_EXAMPLES,
                 stateful_step_count=30,
                 deadline=None,
                 suppress_health_check=[HealthCheck.too_slow],
@@ -758,9 +729,9 @@ def test_checkpoint_state_machine(redis_server) -> None:  # type: ignore[no-unty
         client.close()
 
 
-# -- the known bugs, one minimal sequence each (as hypothesis shrank them) ------------------------
-# xfail(strict=True): once a script is fixed its test passes, which fails the run and says so; then
-# drop the bug from _ALL_KNOWN_BUGS and make the model above follow the fixed behaviour.
+# -- bugs the machine found, one minimal sequence each (as hypothesis shrank them) ----------------
+# Each failed against the scripts before their fix. A newly found bug gets a test here marked
+# xfail(strict=True) and an entry in _ALL_KNOWN_BUGS until its script is fixed.
 
 
 @pytest.fixture
@@ -787,47 +758,101 @@ def _part(number: int) -> UploadedPart:
     return UploadedPart(etag=f"etag-{number}", checksum="ck")
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: fenced_record_part_drops_lease (record_part.lua)")
+def _leases(store: CheckpointStore, upload_id: str) -> dict[str, str]:
+    return store.redis.hgetall(store.inflight_key(upload_id))
+
+
 def test_fenced_record_part_keeps_the_current_lease(store: CheckpointStore) -> None:
     _uploading(store, "u1", 1, "mpu-1")
     assert store.begin_part("u1", 1, 1, "w1|t1")[0] == "send"
     assert store.record_part("u1", "mpu-old", 1, _part(1), PART_SIZE) == "fenced"
-    assert store.redis.hgetall(store.inflight_key("u1")) == {"1": "w1|t1"}
+    assert _leases(store, "u1") == {"1": "w1|t1"}
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: restart_ignores_live_completion_lease (restart_upload.lua)")
+def test_record_part_of_the_current_attempt_releases_its_lease_in_a_failed_upload(store: CheckpointStore) -> None:
+    # Not a bug the machine found, but the edge of the fix above: the lease is kept only from a
+    # fenced record. A part that finishes after the upload failed must not stay leased to its
+    # (live) worker, or a resume would wait on it for as long as that worker runs.
+    _uploading(store, "u1", 2, "mpu-1")
+    assert store.begin_part("u1", 1, 1, "w1|t1")[0] == "send"
+    assert store.mark_failed("u1", "part 2: boom") == "uploading"
+    assert store.record_part("u1", "mpu-old", 1, _part(1), PART_SIZE) == "inactive:failed"
+    assert _leases(store, "u1") == {"1": "w1|t1"}  # a stale attempt's record releases nothing
+    assert store.record_part("u1", "mpu-1", 1, _part(1), PART_SIZE) == "inactive:failed"
+    assert _leases(store, "u1") == {}
+
+
 def test_restart_is_refused_under_a_live_completion_lease(store: CheckpointStore) -> None:
     _uploading(store, "u1", 1, "mpu-1")
     assert store.record_part("u1", "mpu-1", 1, _part(1), PART_SIZE) == "last"
     assert store.begin_completion("u1", "c1", LIVE_LEASE) == "go"
     assert store.reopen("u1", "mpu-1") == "completing"  # reopen and cancel refuse here...
     assert store.cancel("u1", RETENTION) == "completing"
-    assert store.restart("u1", "mpu-1", "mpu-2", {"part_count": 1}) == "completing"  # ...restart does not
+    assert store.restart("u1", "mpu-1", "mpu-2", {"part_count": 1}) == "completing"  # ...and so does restart
+    record = store.get("u1")
+    assert record is not None and (record.state, record.mpu_id, record.parts_done) == ("completing", "mpu-1", 1)
+    assert store.mark_completed("u1", "c1", RETENTION, {}) == "ok"  # the completer is not disturbed
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: forget_parts_ignores_state (forget_parts.lua)")
+def test_restart_takes_over_a_lapsed_completion(store: CheckpointStore) -> None:
+    _uploading(store, "u1", 1, "mpu-1")
+    assert store.record_part("u1", "mpu-1", 1, _part(1), PART_SIZE) == "last"
+    assert store.begin_completion("u1", "c1", LAPSED_LEASE) == "go"
+    assert store.restart("u1", "mpu-1", "mpu-2", {"part_count": 2}) == 2
+    assert store.mark_completed("u1", "c1", RETENTION, {}) == "uploading"  # the lapsed completer is fenced out
+
+
 def test_forget_parts_leaves_a_completed_upload_alone(store: CheckpointStore) -> None:
     _uploading(store, "u1", 1, "mpu-1")
     assert store.record_part("u1", "mpu-1", 1, _part(1), PART_SIZE) == "last"
     assert store.begin_completion("u1", "c1", LIVE_LEASE) == "go"
     assert store.mark_completed("u1", "c1", RETENTION, {}) == "ok"
-    store.forget_parts("u1", "mpu-1", [1])
+    assert store.forget_parts("u1", "mpu-1", [1]) == -2
     record = store.get("u1")
     assert record is not None and record.parts_done == 1 and set(store.parts("u1")) == {1}
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: forget_parts_ignores_state (begin_completion.lua takeover)")
-def test_takeover_after_parts_were_forgotten_is_not_go(store: CheckpointStore) -> None:
+def test_forget_parts_is_refused_while_completing_so_a_takeover_has_every_part(store: CheckpointStore) -> None:
+    # The machine's sequence: forget while "completing" under a lapsed lease, then a takeover got
+    # "go" with part 1 missing (begin_completion counts parts only when coming from "uploading").
     _uploading(store, "u1", 1, "mpu-1")
     assert store.record_part("u1", "mpu-1", 1, _part(1), PART_SIZE) == "last"
     assert store.begin_completion("u1", "c1", LAPSED_LEASE) == "go"
-    assert store.forget_parts("u1", "mpu-1", [1]) == 1  # resume: the server lost part 1
-    assert store.begin_completion("u1", "c2", LIVE_LEASE) != "go"
+    assert store.forget_parts("u1", "mpu-1", [1]) == -2  # resume: the server lost part 1
+    assert set(store.parts("u1")) == {1}
+    assert store.begin_completion("u1", "c2", LIVE_LEASE) == "go"  # with every part recorded
+    # Resume forgets lost parts once the upload is "uploading" or "failed" again.
+    assert store.mark_failed("u1", "InvalidPart: part 1") == "completing"
+    assert store.forget_parts("u1", "mpu-other", [1]) == -1
+    assert store.forget_parts("u1", "mpu-1", [1]) == 1
+    record = store.get("u1")
+    assert record is not None and (record.parts_done, record.bytes_done) == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: out_of_range_part_counts_as_done (record_part, begin_completion)")
 def test_a_part_outside_the_plan_does_not_complete_the_upload(store: CheckpointStore) -> None:
     _uploading(store, "u1", 2, "mpu-1")
     assert store.record_part("u1", "mpu-1", 1, _part(1), PART_SIZE) == "recorded"
-    store.record_part("u1", "mpu-1", 3, _part(3), PART_SIZE)  # answers "last" today
+    assert store.record_part("u1", "mpu-1", 3, _part(3), PART_SIZE) == "stale"  # "last" before the fix
+    assert set(store.parts("u1")) == {1}
     assert store.begin_completion("u1", "c1", LIVE_LEASE) == "missing"  # part 2 is not recorded
+
+
+def test_begin_part_refuses_a_part_outside_the_plan(store: CheckpointStore) -> None:
+    _uploading(store, "u1", 2, "mpu-1")
+    for number in (0, 3, -1):
+        assert store.begin_part("u1", number, 1, "w1|t1") == ("stale", "")
+    record = store.get("u1")
+    assert record is not None and (record.parts_sent, record.bytes_sent) == (0, 0)
+    assert _leases(store, "u1") == {}
+
+
+def test_part_numbers_must_be_canonical_integers(store: CheckpointStore) -> None:
+    # The store always sends ints; the scripts still refuse "01" or "1.0", which would otherwise
+    # become a second hash field for part 1 (and count twice), and "1.5".
+    _uploading(store, "u1", 2, "mpu-1")
+    keys = store._keys("u1")
+    worker_prefix = store.worker_key("")
+    for number in ("01", "1.0", "1.5", "x", ""):
+        assert store._run("begin_part", keys, [number, 1, "w1|t1", worker_prefix]) == ["unplanned"]
+        assert store._run("record_part", keys, ["mpu-1", number, '{"size":10}', 10, 0]) == "unplanned"
+    assert store.redis.hgetall(store.parts_key("u1")) == {} and _leases(store, "u1") == {}

@@ -259,8 +259,13 @@ class CheckpointStore:
 
     def begin_part(self, upload_id: str, part_number: int, generation: int, owner: str) -> tuple[str, PartJob | str]:
         """``("send", job)``, ``("recorded", "")``, ``("stale", "")``, ``("leased", "")`` or
-        ``("inactive", state)``. ``owner`` is ``"<worker name>|<task id>"``."""
+        ``("inactive", state)``. ``owner`` is ``"<worker name>|<task id>"``.
+
+        A part number outside the current plan (the script's ``unplanned``) answers ``stale``:
+        the message does not belong to this plan, and the caller skips it."""
         result = self._run("begin_part", self._keys(upload_id), [part_number, generation, owner, self.worker_key("")])
+        if result[0] == "unplanned":
+            return "stale", ""
         if result[0] != "send":
             return result[0], (result[1] if len(result) > 1 else "")
         mpu_id, source, bucket, key, size, mtime_ns, offset, length = result[1:]
@@ -276,8 +281,11 @@ class CheckpointStore:
         return int(self._run("next_generation", [self.record_key(upload_id)], [generation]))
 
     def record_part(self, upload_id: str, mpu_id: str, part_number: int, part: UploadedPart, size: int) -> str:
+        """``recorded``, ``last``, ``duplicate``, ``fenced``, ``inactive:<state>``, or ``stale``
+        for a part number outside the current plan (the script's ``unplanned``: not recorded)."""
         value = json.dumps({"etag": part.etag, "checksum": part.checksum, "size": size}, separators=(",", ":"))
-        return self._run("record_part", self._keys(upload_id), [mpu_id, part_number, value, size, time.time()])
+        result = self._run("record_part", self._keys(upload_id), [mpu_id, part_number, value, size, time.time()])
+        return "stale" if result == "unplanned" else result
 
     def begin_completion(self, upload_id: str, token: str, lease_seconds: int) -> str:
         return self._run("begin_completion", self._keys(upload_id), [token, time.time(), lease_seconds])
@@ -307,6 +315,8 @@ class CheckpointStore:
         return self._run("restart_upload", self._keys(upload_id), args)
 
     def forget_parts(self, upload_id: str, mpu_id: str, part_numbers: list[int]) -> int:
+        """The number of parts forgotten; -1 when ``mpu_id`` is not the current attempt's, -2 when
+        the upload is not ``uploading`` or ``failed`` (nothing is forgotten then)."""
         if not part_numbers:
             return 0
         return int(self._run("forget_parts", self._keys(upload_id), [mpu_id, *part_numbers]))

@@ -6,13 +6,21 @@
 -- bytes as sent: one round trip gives the part task everything it needs), {"recorded"} when the
 -- part is in the checkpoint already, {"stale"} when a newer dispatch superseded this message (its
 -- part, if still missing, was dispatched again), {"leased"} when another task on a live worker is
--- sending it, or {"inactive", state}.
+-- sending it, {"unplanned"} when the part number is outside 1..part_count (nothing leased or
+-- counted: such a part has no byte range, and recording it would count towards completion), or
+-- {"inactive", state}.
 local state = redis.call("HGET", KEYS[1], "state")
 if state ~= "uploading" then
   return {"inactive", state or "missing"}
 end
 if tonumber(ARGV[2]) < tonumber(redis.call("HGET", KEYS[1], "generation") or "0") then
   return {"stale"}
+end
+-- The same test as record_part.lua: only canonical integers 1..part_count are parts of the plan.
+local number = tonumber(ARGV[1])
+local part_count = tonumber(redis.call("HGET", KEYS[1], "part_count"))
+if not number or number % 1 ~= 0 or number < 1 or number > part_count or tostring(number) ~= ARGV[1] then
+  return {"unplanned"}
 end
 if redis.call("HEXISTS", KEYS[2], ARGV[1]) == 1 then
   return {"recorded"}
@@ -26,7 +34,7 @@ if holder and holder ~= ARGV[3] then
 end
 local f = redis.call("HMGET", KEYS[1], "mpu_id", "source", "bucket", "key", "size", "mtime_ns", "part_size")
 local size, part_size = tonumber(f[5]), tonumber(f[7])
-local offset = (tonumber(ARGV[1]) - 1) * part_size
+local offset = (number - 1) * part_size
 local length = math.min(part_size, size - offset)
 redis.call("HSET", KEYS[3], ARGV[1], ARGV[3])
 redis.call("HINCRBY", KEYS[1], "parts_sent", 1)

@@ -1,6 +1,15 @@
 -- Drop recorded parts the server no longer holds (found by ListParts on resume).
 -- KEYS[1] record, KEYS[2] parts. ARGV[1] mpu id, ARGV[2..] part numbers.
--- Returns the number of parts forgotten, or -1 when fenced by another attempt.
+-- Returns the number of parts forgotten, -2 when the state forbids it (only "uploading" and
+-- "failed" uploads forget parts), or -1 when fenced by another attempt (mpu id).
+-- Not in "completing": the completer has read the parts and may be calling Complete with them, and
+-- a token taking over a lapsed lease gets "go" without the parts being counted again. Not in
+-- "completed" or "cancelled": their parts are final. Resume reads the state before it lists
+-- parts, so the state can have moved on by the time it gets here.
+local state = redis.call("HGET", KEYS[1], "state")
+if state ~= "uploading" and state ~= "failed" then
+  return -2
+end
 if redis.call("HGET", KEYS[1], "mpu_id") ~= ARGV[1] then
   return -1
 end

@@ -1,10 +1,17 @@
 -- Start over under a new multipart upload: new plan and fingerprint, no parts recorded.
+-- From "failed", "uploading" or a "completing" whose lease has lapsed, as reopen_upload.lua.
 -- Returns the new dispatch generation (a number), "fenced", or the state that forbids it.
 -- Parts of the old attempt are fenced out because their mpu id no longer matches.
 -- KEYS[1] record, KEYS[2] parts, KEYS[3] in-flight leases. ARGV[1] expected old mpu id, ARGV[2] new mpu id, ARGV[3] now,
 -- ARGV[4..] field/value pairs (size, mtime_ns, part_size, part_count, mode).
+-- Under a live lease the completer may be calling CompleteMultipartUpload with the parts this
+-- would wipe: the object would be completed, and then uploaded all over again.
 local state = redis.call("HGET", KEYS[1], "state")
-if state ~= "failed" and state ~= "uploading" and state ~= "completing" then
+if state == "completing" then
+  if tonumber(redis.call("HGET", KEYS[1], "lease_until") or "0") > tonumber(ARGV[3]) then
+    return "completing"
+  end
+elseif state ~= "failed" and state ~= "uploading" then
   return state or "missing"
 end
 if redis.call("HGET", KEYS[1], "mpu_id") ~= ARGV[1] then
