@@ -10,8 +10,10 @@ import os
 import signal
 import threading
 
+import pytest
+
 from tests.conftest import Stack, sha256_file
-from uploader import contract
+from uploader import UploadNotFound, contract
 from uploader.localstack import wait_until
 from uploader.planner import MiB
 
@@ -173,8 +175,11 @@ def test_lost_checkpoint_is_rebuilt_from_the_servers_parts(make_stack) -> None: 
     store.redis.zrem(store.index_key, upload_id)
 
     stack.start_worker("rescuer", concurrency=4)
-    again = stack.uploader.submit(str(path), f"s3://{bucket}/rebuilt.bin", part_size=PART, upload_id=upload_id)
-    status = again.wait(timeout=180)
+    with pytest.raises(UploadNotFound, match="--source PATH --to s3://BUCKET/KEY"):
+        stack.uploader.resume(upload_id)  # nothing left says what it was: the error says what to pass
+    outcome = stack.uploader.resume(upload_id, source=str(path), destination=f"s3://{bucket}/rebuilt.bin", part_size=PART)
+    assert outcome["reason"].startswith("checkpoint rebuilt")
+    status = stack.uploader.wait(upload_id, timeout=180)
     assert status.state == "completed"
     record = stack.uploader.checkpoint.get(upload_id)
     assert record is not None and record.mpu_id == old.mpu_id, "the server's multipart upload was adopted"

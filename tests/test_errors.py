@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import Stack, sha256_file
 from tests.faultproxy import FaultProxy
 from uploader import UploadFailed
-from uploader.localstack import wait_until
+from uploader.client import UploadStatus
+from uploader.localstack import Beat, wait_until
 from uploader.planner import MiB
 
 PART = 5 * MiB
@@ -38,8 +39,9 @@ def test_transient_part_errors_are_retried_until_the_upload_completes(make_stack
 
 
 def test_exhausted_retries_fail_with_a_readable_reason_and_keep_parts(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
-    # More retries than Celery's own default limit (3), which must not cut them short.
-    stack: Stack = make_stack(UPLOADER_PART_MAX_RETRIES="4", UPLOADER_RETRY_BACKOFF_MAX="1")
+    # More retries than Celery's own default limit (3), which must not cut them short. With
+    # automatic resumes off, the failure is final until someone resumes.
+    stack: Stack = make_stack(UPLOADER_PART_MAX_RETRIES="4", UPLOADER_RETRY_BACKOFF_MAX="1", UPLOADER_AUTO_RESUME_LIMIT="0")
     stack.start_worker("down", concurrency=2, UPLOADER_S3_ENDPOINT_URL=proxy.url)
     bucket = stack.new_bucket()
     path = stack.make_file(4 * PART)
@@ -61,6 +63,91 @@ def test_exhausted_retries_fail_with_a_readable_reason_and_keep_parts(make_stack
     # once more.
     assert status.bytes_sent == status.size + 5 * PART
     assert stack.object_sha256(bucket, "down.bin") == sha256_file(path)
+
+
+def _outage_stack(make_stack, proxy: FaultProxy, auto_resumes: int) -> Stack:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack(
+        UPLOADER_PART_MAX_RETRIES="1",
+        UPLOADER_RETRY_BACKOFF_MAX="1",
+        UPLOADER_AUTO_RESUME_LIMIT=str(auto_resumes),
+        UPLOADER_AUTO_RESUME_BACKOFF="1",
+        UPLOADER_RECONCILE_INTERVAL="1",
+    )
+    stack.start_worker("outage", concurrency=4, UPLOADER_S3_ENDPOINT_URL=proxy.url)
+    return stack
+
+
+def _wait_failed(stack: Stack, upload_id: str) -> UploadStatus:
+    wait_until(lambda: stack.uploader.checkpoint.get(upload_id) is not None, 60, "the upload to be accepted")
+    wait_until(lambda: stack.uploader.status(upload_id).state == "failed", 120, "the upload to fail")
+    return stack.uploader.status(upload_id)
+
+
+def test_an_s3_outage_longer_than_the_part_retries_is_resumed_automatically(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    stack = _outage_stack(make_stack, proxy, auto_resumes=5)
+    bucket = stack.new_bucket()
+    path = stack.make_file(6 * PART + 11)
+    proxy.fault, proxy.rate = ["503", "reset"], 1.0  # every UploadPart fails: S3 is down for parts
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/outage.bin", part_size=PART)
+    failed = _wait_failed(stack, handle.upload_id)
+    assert "failed after 2 attempts" in failed.error
+    assert failed.retry_at is not None and not failed.terminal, "a transient failure waits for an automatic resume"
+    assert len(stack.open_multipart_uploads(bucket)) == 1, "parts are kept for the resume"
+
+    proxy.rate = 0.0  # the outage ends; nobody runs resume: the reconciler (under beat) does
+    beat = Beat(stack.workdir, stack.env)
+    try:
+        status = handle.wait(timeout=120)
+    finally:
+        beat.stop()
+    assert status.state == "completed" and status.auto_resumes >= 1
+    record = stack.uploader.checkpoint.get(handle.upload_id)
+    assert record is not None and record.complete_calls == 1
+    assert stack.object_sha256(bucket, "outage.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
+    print(f"OUTAGE_SUMMARY injected={proxy.injected()} auto_resumes={status.auto_resumes} size={status.size} bytes_sent={status.bytes_sent}")
+
+
+def test_an_outage_before_the_multipart_upload_exists_is_resumed_automatically(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    stack = _outage_stack(make_stack, proxy, auto_resumes=5)
+    bucket = stack.new_bucket()
+    path = stack.make_file(2 * PART + 5)
+    proxy.targets = lambda method, path_: method == "POST" and path_.endswith("?uploads")  # CreateMultipartUpload
+    proxy.fault, proxy.rate = "503", 1.0
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/late.bin", part_size=PART)
+    failed = _wait_failed(stack, handle.upload_id)
+    assert "starting the upload failed" in failed.error and failed.retry_at is not None
+    assert stack.uploader.checkpoint.get(handle.upload_id).mpu_id == ""  # type: ignore[union-attr]
+
+    proxy.rate = 0.0
+    beat = Beat(stack.workdir, stack.env)
+    try:
+        status = handle.wait(timeout=120)
+    finally:
+        beat.stop()
+    assert status.state == "completed"
+    assert stack.object_sha256(bucket, "late.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
+
+
+def test_automatic_resumes_end_after_the_limit_with_a_final_failure(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    stack = _outage_stack(make_stack, proxy, auto_resumes=1)
+    bucket = stack.new_bucket()
+    path = stack.make_file(2 * PART + 1)
+    proxy.fault, proxy.rate = "503", 1.0  # an outage that does not end
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/down.bin", part_size=PART, abort_on_failure=True)
+    assert _wait_failed(stack, handle.upload_id).retry_at is not None
+    # abort_on_failure waits for the final failure: the automatic resume needs the parts.
+    assert len(stack.open_multipart_uploads(bucket)) == 1
+    beat = Beat(stack.workdir, stack.env)
+    try:
+        with pytest.raises(UploadFailed, match="SlowDown"):
+            handle.wait(timeout=120)
+    finally:
+        beat.stop()
+    status = stack.uploader.status(handle.upload_id)
+    assert status.state == "failed" and status.retry_at is None and status.auto_resumes == 1
+    wait_until(lambda: stack.open_multipart_uploads(bucket) == [], 30, "the multipart upload to be aborted")
 
 
 def test_permanent_error_fails_at_once_and_abort_on_failure_cleans_up(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +130,9 @@ def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
         rows.append(("etag", f"{st.final_etag} (verified: {st.verified})"))
     if st.error:
         rows.append(("error", st.error))
+    if st.state == "failed" and st.retry_at is not None:
+        when = time.strftime("%H:%M:%S", time.localtime(st.retry_at))
+        rows.append(("next", f"resumed automatically at {when} (automatic resume {st.auto_resumes + 1})"))
     return rows
 
 
@@ -160,13 +164,20 @@ def list_(limit: int, as_json: bool) -> None:
 @main.command()
 @click.argument("upload_id")
 @click.option("--restart", is_flag=True, help="If the source changed, abort the old multipart upload and upload it again.")
+@click.option("--source", help="Only if the checkpoint was lost: the upload's source, to rebuild it from the server's parts.")
+@click.option("--to", "destination", help="Only if the checkpoint was lost: the upload's destination (s3://bucket/key).")
+@click.option("--part-size", callback=_size, help="Only if the checkpoint was lost: the part size the upload was submitted with, if any.")
 @click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
 @click.option("--timeout", type=float, default=None)
 @_friendly_errors
-def resume(upload_id: str, restart: bool, wait_: bool, timeout: float | None) -> None:
+def resume(
+    upload_id: str, restart: bool, source: str | None, destination: str | None, part_size: int | None,
+    wait_: bool, timeout: float | None,
+) -> None:
     """Continue an upload from its checkpoint, sending only missing parts."""
     up = _uploader()
-    outcome = up.resume(upload_id, restart=restart)
+    options = {"part_size": part_size} if part_size else {}
+    outcome = up.resume(upload_id, restart=restart, source=source, destination=destination, **options)
     click.echo(f"{upload_id}: dispatched {outcome['dispatched']} ({outcome['parts']} parts) {outcome['reason']}".rstrip())
     if wait_:
         _follow(up, upload_id, timeout)

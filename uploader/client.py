@@ -50,6 +50,10 @@ class UploadStatus:
     updated: float
     finished: float | None
     bytes_sent: int
+    #: A failed upload the reconciler will resume by itself at this time (a transient failure,
+    #: such as an S3 outage longer than the part retries); None when nothing more will happen.
+    retry_at: float | None
+    auto_resumes: int
 
     @classmethod
     def from_record(cls, record: UploadRecord) -> UploadStatus:
@@ -60,7 +64,9 @@ class UploadStatus:
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
+        """Nothing more will happen by itself (a failure with an automatic resume to come is not
+        terminal)."""
+        return self.state in TERMINAL_STATES and not (self.state == "failed" and self.retry_at is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,16 +110,42 @@ class Uploader:
             raise UploadNotFound(f"no upload {upload_id!r} (never submitted, refused, or expired)")
         return UploadStatus.from_record(record)
 
-    def resume(self, upload_id: str, *, restart: bool = False, timeout: float = 60) -> dict[str, Any]:
+    def resume(
+        self,
+        upload_id: str,
+        *,
+        restart: bool = False,
+        timeout: float = 60,
+        source: str | None = None,
+        destination: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
         """Continue an upload from its checkpoint; returns what was dispatched. Raises
         :class:`~uploader.errors.SourceChanged` if the source changed (pass ``restart=True`` to
-        abort the old multipart upload and start over)."""
+        abort the old multipart upload and start over).
+
+        If the checkpoint is gone (expired, or lost with Redis) but the multipart upload is still
+        on the server, give the original ``source``, ``destination`` and ``options`` (at least the
+        same ``part_size`` if one was given): the checkpoint is rebuilt from ListParts, keeping
+        every part whose size and MD5 match the source, and only the rest is sent."""
         if self.checkpoint.get(upload_id) is None:
-            raise UploadNotFound(
-                f"no checkpoint for upload {upload_id!r} (never submitted, refused, expired or lost). If its "
-                f"checkpoint was lost, submit the same request again with upload_id={upload_id!r}: parts "
-                "already on the server are found and kept"
-            )
+            if source is None or destination is None:
+                raise UploadNotFound(
+                    f"no checkpoint for upload {upload_id!r} (never submitted, refused, expired or lost). If "
+                    "its checkpoint was lost, resume it with its source and destination (CLI: uploader resume "
+                    f"{upload_id} --source PATH --to s3://BUCKET/KEY [--part-size SIZE]): the parts already "
+                    "on the server are found and kept"
+                )
+            handle = self.submit(source, destination, upload_id=upload_id, **options)
+            handle.accepted(timeout)
+            record = self.checkpoint.get(upload_id)
+            found = record.parts_done if record is not None else 0
+            return {
+                "upload_id": upload_id,
+                "dispatched": "parts",
+                "parts": (record.part_count - found) if record is not None else 0,
+                "reason": f"checkpoint rebuilt; {found} parts found on the server",
+            }
         result = self.celery.send_task(contract.RESUME_UPLOAD, kwargs={"upload_id": upload_id, "restart": restart})
         return _task_outcome(result, timeout)
 
@@ -135,6 +167,7 @@ class Uploader:
     def wait(self, upload_id: str, *, timeout: float | None = None, start: AsyncResult | None = None) -> UploadStatus:
         """Block until the upload is completed; return its final status.
 
+        Keeps waiting through a transient failure the reconciler will resume (``retry_at``).
         Raises :class:`UploadFailed` / :class:`UploadCancelled` when it ends otherwise, the
         coordinator's error when it refused the request, and :class:`TimeoutError` at the
         deadline."""
@@ -154,6 +187,7 @@ class Uploader:
         """Yield the status every poll interval until it is terminal (the last one yielded)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = FIRST_POLL_INTERVAL
+        status = None
         while True:
             record = self.checkpoint.get(upload_id)
             if record is None:
@@ -165,7 +199,13 @@ class Uploader:
                 if status.terminal:
                     return
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"upload {upload_id} did not finish within {timeout} s")
+                last = (
+                    f"{status.state}, {status.parts_done}/{status.part_count} parts"
+                    + (f", error: {status.error}" if status.error else "")
+                    if status is not None
+                    else "not accepted by a coordinator yet: is a worker running?"
+                )
+                raise TimeoutError(f"upload {upload_id} did not finish within {timeout} s ({last})")
             time.sleep(interval)
             interval = min(POLL_INTERVAL, interval * 1.5)
 

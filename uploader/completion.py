@@ -99,17 +99,30 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
     return CompletionOutcome("completed" if outcome == "ok" else outcome)
 
 
-def mark_failed(ctx: UploaderContext, upload_id: str, reason: str, generation: int = 0) -> bool:
+def mark_failed(
+    ctx: UploaderContext, upload_id: str, reason: str, generation: int = 0, *, transient: bool = False
+) -> bool:
     """Mark the upload ``failed`` with ``reason``; abort its multipart upload too if the request
     asked for that. Uploaded parts are otherwise kept for ``resume``. Returns whether the state
     changed (terminal uploads, and failures reported by a dispatch older than the current
-    ``generation``, are left alone)."""
+    ``generation``, are left alone).
+
+    A ``transient`` failure (retries spent during an outage) is resumed later by the reconciler,
+    up to ``auto_resume_limit`` times; its multipart upload is kept even with ``abort_on_failure``
+    until no automatic resume remains."""
     store = ctx.checkpoint
-    previous = store.mark_failed(upload_id, reason, generation)
+    settings = ctx.settings
+    previous = store.mark_failed(
+        upload_id,
+        reason,
+        generation,
+        auto_resumes=settings.auto_resume_limit if transient else 0,
+        backoff=settings.auto_resume_backoff,
+    )
     if previous.startswith("inactive:"):
         return False
     record = store.get(upload_id)
-    if record is not None and record.abort_on_failure and record.mpu_id:
+    if record is not None and record.abort_on_failure and record.mpu_id and not record.retry_pending:
         ctx.objects.abort_multipart_upload(record.bucket, record.key, record.mpu_id)
     return True
 

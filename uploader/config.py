@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     #: Seconds after which failed or cancelled uploads, and uploads stalled that long, are
     #: aborted on the server and forgotten by the janitor.
     abandon_seconds: int = Field(7 * 24 * 3600, ge=1)
+    #: Automatic resumes of an upload that failed for a transient reason (its parts' retries ran
+    #: out during an S3 or network outage): the reconciler resumes it after
+    #: ``auto_resume_backoff`` seconds, doubling each time up to an hour. 0 disables them, and
+    #: such failures are final until someone runs ``resume``.
+    auto_resume_limit: int = Field(10, ge=0)
+    auto_resume_backoff: int = Field(30, ge=1)
     #: Seconds between two janitor runs (Celery beat).
     janitor_interval: float = Field(3600, gt=0)
     #: Bytes per second one worker process may send (0 = unlimited).

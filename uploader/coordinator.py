@@ -22,6 +22,7 @@ from uploader.errors import (
     PermanentStoreError,
     SourceChanged,
     UploadConflict,
+    UploaderError,
     UploadNotFound,
 )
 from uploader.objectstore import ListedPart, UploadedPart, error_code
@@ -93,15 +94,23 @@ class Coordinator:
                     f"upload id {upload_id!r} is already used for {existing.source} -> "
                     f"s3://{existing.bucket}/{existing.key}; choose another upload id"
                 )
-            if existing.state in {"creating", "uploading", "completing"} and (
+            if existing.state in {"uploading", "completing"} and (
                 time.time() - existing.updated < self.settings.stall_seconds
             ):
                 # A duplicate of a request that is making progress: its parts are on their way.
                 return Dispatch(upload_id, "nothing", reason=f"already {existing.state}")
-            return self.resume(upload_id, dispatch)
+            if existing.state != "creating":
+                return self.resume(upload_id, dispatch)
+            # Still "creating": our own retry after a transient error (CreateMultipartUpload
+            # during an S3 outage), or a duplicate racing the first creator. Whoever holds the
+            # dispatch lock creates; the others find the state moved on.
         with self._dispatch_lock(upload_id) as locked:
-            assert locked, "a fresh claim has no competing dispatcher"
-            return self._create_and_dispatch(self._get(upload_id), dispatch)
+            if not locked:
+                return Dispatch(upload_id, "nothing", reason="another coordinator is creating it")
+            record = self._get(upload_id)
+            if record.state != "creating":
+                return Dispatch(upload_id, "nothing", reason=f"already {record.state}")
+            return self._create_and_dispatch(record, dispatch)
 
     def _create_and_dispatch(self, record: UploadRecord, dispatch: Dispatcher) -> Dispatch:
         upload_id = record.upload_id
@@ -209,11 +218,13 @@ class Coordinator:
                         f"version. Resume with restart (CLI: uploader resume {upload_id} --restart) to abort "
                         "the old multipart upload and upload the file again"
                     )
-                    self.store.redis.hset(self.store.record_key(upload_id), "error", message)
+                    self.store.note_error(upload_id, message)
                     raise SourceChanged(message)
                 return self._restart(record, fingerprint, dispatch, why="source changed")
             if record.mode == "single":
                 return self._reopen_and_dispatch(record, dispatch)
+            if not record.mpu_id:  # it failed before its multipart upload was created
+                return self._restart(record, fingerprint, dispatch, why="no multipart upload was created yet")
             try:
                 listed = list(self.objects.list_parts(record.bucket, record.key, record.mpu_id))
             except PermanentStoreError as exc:
@@ -252,8 +263,6 @@ class Coordinator:
     def _restart(self, record: UploadRecord, fingerprint: Fingerprint, dispatch: Dispatcher, *, why: str) -> Dispatch:
         upload_id = record.upload_id
         plan, mode = self._plan(fingerprint.size, record.requested_part_size or None)
-        if record.mpu_id:
-            self.objects.abort_multipart_upload(record.bucket, record.key, record.mpu_id)
         new_mpu = ""
         if mode == "multipart":
             new_mpu = self.objects.create_multipart_upload(
@@ -264,6 +273,16 @@ class Coordinator:
             if new_mpu:
                 self.objects.abort_multipart_upload(record.bucket, record.key, new_mpu)
             raise UploadConflict(f"upload {upload_id} could not restart: it is {generation}")
+        # Only now that the checkpoint refers to the new one: a refused restart (a completer
+        # holding its lease) must not lose the multipart upload it is completing.
+        if record.mpu_id:
+            try:
+                self.objects.abort_multipart_upload(record.bucket, record.key, record.mpu_id)
+            except UploaderError as exc:
+                log.warning(
+                    "upload %s: could not abort the replaced multipart upload %s of s3://%s/%s: %s",
+                    upload_id, record.mpu_id, record.bucket, record.key, exc,
+                )
         log.warning("upload %s: restarted (%s)", upload_id, why)
         result = (
             Dispatch(upload_id, "single", generation=generation)

@@ -45,18 +45,29 @@ def stalled(record: UploadRecord, now: float, stall_seconds: int) -> bool:
 
 
 def reconcile(ctx: UploaderContext, dispatch: Dispatcher, *, now: float | None = None) -> list[Dispatch]:
-    """Resume every stalled upload; an upload whose source changed or vanished is failed with
-    the reason (it needs a person: ``resume --restart`` or cancel)."""
+    """Resume every stalled upload, and every transiently failed one whose ``retry_at`` has
+    come; an upload whose source changed or vanished is failed with the reason (it needs a
+    person: ``resume --restart`` or cancel)."""
     now = time.time() if now is None else now
+    settings = ctx.settings
     coordinator = Coordinator(ctx)
     done = []
     for record in iter_records(ctx):
-        if not stalled(record, now, ctx.settings.stall_seconds):
+        if record.retry_pending:
+            attempt = ctx.checkpoint.claim_auto_resume(
+                record.upload_id, settings.auto_resume_limit, settings.auto_resume_backoff, now=now
+            )
+            if not attempt:
+                continue
+            log.warning("reconcile: upload %s failed (%s); automatic resume %d", record.upload_id, record.error, attempt)
+        elif not stalled(record, now, settings.stall_seconds):
             continue
         try:
             plan = coordinator.resume(record.upload_id, dispatch)
         except (SourceChanged, SourceError) as exc:
-            mark_failed(ctx, record.upload_id, f"stalled upload cannot continue: {exc}")
+            reason = f"upload cannot continue: {exc}"
+            if not mark_failed(ctx, record.upload_id, reason):
+                ctx.checkpoint.note_error(record.upload_id, reason)  # failed already: stop resuming it
             continue
         except UploaderError as exc:
             log.warning("reconcile: upload %s: %s", record.upload_id, exc)
@@ -83,6 +94,8 @@ def janitor_plan(ctx: UploaderContext, *, now: float | None = None) -> list[Jani
     actions = []
     for record in iter_records(ctx):
         age = now - (record.finished or record.updated or record.created)
+        if record.retry_pending:
+            continue  # the reconciler will resume it; it is not abandoned
         if record.state in ("failed", "cancelled") and age > limit:
             reason = f"{record.state} {age / 3600:.1f} h ago"
         elif record.state in ACTIVE_STATES and now - record.updated > limit:

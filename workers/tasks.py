@@ -48,7 +48,7 @@ def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: st
     retries = task.request.retries
     if retries >= settings.part_max_retries:
         reason = f"{what} failed after {retries + 1} attempts: {exc}"
-        completion.mark_failed(default_context(), upload_id, reason, generation)
+        completion.mark_failed(default_context(), upload_id, reason, generation, transient=True)
         raise exc
     countdown = get_exponential_backoff_interval(
         factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True

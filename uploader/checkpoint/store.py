@@ -66,6 +66,9 @@ class UploadRecord:
     attempt: int
     requested_part_size: int
     generation: int
+    #: When the reconciler may resume this failed upload by itself (None: it will not).
+    retry_at: float | None
+    auto_resumes: int
 
     @classmethod
     def from_hash(cls, upload_id: str, raw: dict[str, str]) -> UploadRecord:
@@ -102,11 +105,19 @@ class UploadRecord:
             attempt=num("attempt"),
             requested_part_size=num("requested_part_size"),
             generation=num("generation"),
+            retry_at=num("retry_at", float, 0.0) or None,
+            auto_resumes=num("auto_resumes"),
         )
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
+        """Finished for good: completed, cancelled, or failed with no automatic resume to come."""
+        return self.state in TERMINAL_STATES and not self.retry_pending
+
+    @property
+    def retry_pending(self) -> bool:
+        """Failed for a transient reason; the reconciler resumes it at ``retry_at``."""
+        return self.state == "failed" and self.retry_at is not None
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,10 @@ class PartJob:
     mtime_ns: int
     offset: int
     length: int
+
+
+#: The longest wait between two automatic resumes of a transiently failed upload (seconds).
+AUTO_RESUME_MAX_WAIT = 3600
 
 
 class _Scripts:
@@ -296,9 +311,32 @@ class CheckpointStore:
             args += [name, _encode(value)]
         return self._run("mark_completed", self._keys(upload_id), args)
 
-    def mark_failed(self, upload_id: str, reason: str, generation: int = 0) -> str:
-        """Fail the upload, unless ``generation`` (when given) was superseded by a newer dispatch."""
-        return self._run("mark_failed", [self.record_key(upload_id)], [reason[:2000], time.time(), generation])
+    def mark_failed(
+        self, upload_id: str, reason: str, generation: int = 0, *, auto_resumes: int = 0, backoff: int = 30
+    ) -> str:
+        """Fail the upload, unless ``generation`` (when given) was superseded by a newer dispatch.
+
+        ``auto_resumes`` > 0 marks a transient failure: the reconciler may resume the upload by
+        itself up to that many times in all, the first after ``backoff`` seconds, doubling each
+        time up to :data:`AUTO_RESUME_MAX_WAIT` (see ``retry_at`` in the record)."""
+        return self._run(
+            "mark_failed",
+            [self.record_key(upload_id)],
+            [reason[:2000], time.time(), generation, auto_resumes, backoff, AUTO_RESUME_MAX_WAIT],
+        )
+
+    def note_error(self, upload_id: str, message: str) -> bool:
+        """Record ``message`` as the upload's error (no state change); a failed upload is then
+        not resumed automatically any more. False if the record is gone."""
+        return bool(self._run("note_error", [self.record_key(upload_id)], [message[:2000], time.time()]))
+
+    def claim_auto_resume(self, upload_id: str, limit: int, backoff: int, *, now: float | None = None) -> int:
+        """Claim the automatic resume that is due for a transiently failed upload: its number
+        (1, 2, ...), or 0 if none is due. At most one caller wins each."""
+        now = time.time() if now is None else now
+        return int(
+            self._run("claim_auto_resume", [self.record_key(upload_id)], [now, limit, backoff, AUTO_RESUME_MAX_WAIT])
+        )
 
     def cancel(self, upload_id: str, retention: int) -> str:
         return self._run("cancel_upload", self._keys(upload_id), [time.time(), retention])

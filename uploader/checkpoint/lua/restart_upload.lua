@@ -14,7 +14,8 @@ if state == "completing" then
 elseif state ~= "failed" and state ~= "uploading" then
   return state or "missing"
 end
-if redis.call("HGET", KEYS[1], "mpu_id") ~= ARGV[1] then
+-- (An upload that failed before its multipart upload was created has no mpu id: "".)
+if (redis.call("HGET", KEYS[1], "mpu_id") or "") ~= ARGV[1] then
   return "fenced"
 end
 redis.call("DEL", KEYS[2], KEYS[3])
