@@ -196,6 +196,8 @@ class CheckpointMachine(RuleBasedStateMachine):
         m.lease_token = token
         m.lease_live = lease > 0
         m.complete_calls += 1
+        if m.mode == "single":  # the single PUT that follows sends the whole source
+            m.bytes_sent += m.part_count * PART_SIZE
         recorded = {int(n) for n in self.real_parts(uid)}
         complete = m.mode == "single" or recorded >= set(range(1, m.part_count + 1))
         _require(

@@ -110,7 +110,6 @@ def put_single(ctx: UploaderContext, upload_id: str, generation: int, token: str
     try:
         source = open_source(record.source, ctx.settings.source_roots)
         data = source.read_range(0, record.size, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))
-        store.redis.hincrby(store.record_key(upload_id), "bytes_sent", len(data))
         response = ctx.objects.put_object(
             record.bucket, record.key, data, metadata=record.metadata, content_type=record.content_type
         )
