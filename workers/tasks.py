@@ -25,15 +25,19 @@ log = get_task_logger(__name__)
 def dispatch(plan: Dispatch) -> None:
     """Send what the coordinator decided. Part messages carry the upload id and part number only;
     the plan itself is in the checkpoint."""
+    from workers import fanout
+
     upload_id, generation = plan.upload_id, plan.generation
     if plan.kind == "parts":
+        # chord(upload_part x parts, complete_upload), sent in batches on Redis: see workers/fanout.py.
         body = complete_upload.si(upload_id=upload_id, generation=generation).on_error(
             upload_failed.s(upload_id=upload_id, generation=generation)
         )
-        header = group(
-            upload_part.si(upload_id=upload_id, part_number=n, generation=generation) for n in plan.parts
+        fanout.send_chord(
+            app, upload_part,
+            ({"upload_id": upload_id, "part_number": n, "generation": generation} for n in plan.parts),
+            body,
         )
-        chord(header, body).apply_async()
     elif plan.kind == "single":
         put_object.si(upload_id=upload_id, generation=generation).apply_async()
     elif plan.kind == "complete":
