@@ -14,6 +14,7 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,11 @@ from botocore.config import Config
 import hypothesis.internal.observability  # noqa: F401  (imported before worker threads exist: CPython 3.11.7 ast bug)
 
 from uploader import Uploader
+from uploader.checkpoint import CheckpointStore
+from uploader.client import UploadHandle
 from uploader.config import Settings
-from uploader.localstack import MotoS3, RedisServer, SeaweedS3, Worker, scratch_dir
+from uploader.localstack import Beat, MotoS3, RedisServer, SeaweedS3, Worker, scratch_dir, wait_until
+from uploader.planner import MiB
 
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key-never-logged"
@@ -108,6 +112,33 @@ class Stack:
         self.workers.append(worker)
         return worker
 
+    def wait_parts_done(self, upload_id: str, at_least: int, timeout: float = 120) -> None:
+        wait_until(lambda: self.uploader.status(upload_id).parts_done >= at_least, timeout, f"{at_least} parts recorded")
+
+    def upload_then_crash(
+        self, path: Path, destination: str, *, parts_before: int, concurrency: int = 2, bandwidth: int = 10 * MiB,
+        **options: object,
+    ) -> UploadHandle:
+        """Submit with one throttled worker (so it is caught mid-upload), wait until
+        ``parts_before`` parts are recorded, SIGKILL it and wait for it to exit: the upload is
+        left as a crashed machine leaves it, with parts in flight. No worker is left running."""
+        doomed = self.start_worker("doomed", concurrency=concurrency, UPLOADER_MAX_BANDWIDTH=str(bandwidth))
+        handle = self.uploader.submit(str(path), destination, **options)
+        handle.accepted(timeout=60)
+        self.wait_parts_done(handle.upload_id, parts_before)
+        doomed.kill()
+        doomed.proc.wait(10)
+        return handle
+
+    @contextmanager
+    def beat(self) -> Iterator[Beat]:
+        """``celery beat`` for this stack (the periodic reconciler and janitor) while in the block."""
+        beat = Beat(self.workdir, self.env)
+        try:
+            yield beat
+        finally:
+            beat.stop()
+
     def new_bucket(self) -> str:
         name = f"t-{uuid.uuid4().hex[:20]}"
         self.s3.create_bucket(Bucket=name)
@@ -166,6 +197,18 @@ def make_stack(workdir: Path, redis_server: RedisServer, seaweed: SeaweedS3, sou
     yield factory
     for stack in stacks:
         stack.close()
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[CheckpointStore]:
+    """A checkpoint store on the test Redis, under a key prefix of its own (removed afterwards)."""
+    store = CheckpointStore.from_url(redis_server.url.rsplit("/", 1)[0] + "/40", prefix=f"cpm-{uuid.uuid4().hex[:12]}")
+    client = store.redis
+    yield store
+    keys = list(client.scan_iter(match=f"{store.prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,6 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-import pytest
 import redis
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -734,17 +733,6 @@ def test_checkpoint_state_machine(redis_server) -> None:  # type: ignore[no-unty
 # -- bugs the machine found, one minimal sequence each (as hypothesis shrank them) ----------------
 # Each failed against the scripts before their fix. A newly found bug gets a test here marked
 # xfail(strict=True) and an entry in _ALL_KNOWN_BUGS until its script is fixed.
-
-
-@pytest.fixture
-def store(redis_server):  # type: ignore[no-untyped-def]
-    store = CheckpointStore.from_url(redis_server.url.rsplit("/", 1)[0] + "/40", prefix=f"cpm-{uuid.uuid4().hex[:12]}")
-    client = store.redis
-    yield store
-    keys = list(client.scan_iter(match=f"{store.prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def _uploading(store: CheckpointStore, upload_id: str, part_count: int, mpu_id: str) -> None:

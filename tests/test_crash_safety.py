@@ -14,29 +14,19 @@ import pytest
 
 from tests.conftest import Stack, sha256_file
 from uploader import UploadNotFound, contract
-from uploader.localstack import wait_until
 from uploader.planner import MiB
 
 PART = 5 * MiB
 
 
-def _wait_parts_done(stack: Stack, upload_id: str, at_least: int, timeout: float = 120) -> None:
-    wait_until(lambda: stack.uploader.status(upload_id).parts_done >= at_least, timeout, f"{at_least} parts recorded")
-
-
 def test_sigkill_mid_upload_resumes_sending_only_in_flight_parts(make_stack) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="3")
     concurrency = 4
-    # A bandwidth cap keeps the first worker mid-upload long enough to be killed there.
-    doomed = stack.start_worker("doomed", concurrency=concurrency, UPLOADER_MAX_BANDWIDTH=str(20 * MiB))
     bucket = stack.new_bucket()
     path = stack.make_file(40 * PART)
-    handle = stack.uploader.submit(str(path), f"s3://{bucket}/killed.bin", part_size=PART)
-    handle.accepted(timeout=60)
-    _wait_parts_done(stack, handle.upload_id, 8)
-
-    doomed.kill()
-    doomed.proc.wait(10)
+    handle = stack.upload_then_crash(
+        path, f"s3://{bucket}/killed.bin", parts_before=8, concurrency=concurrency, bandwidth=20 * MiB, part_size=PART
+    )
     at_kill = stack.uploader.status(handle.upload_id)
     in_flight = at_kill.bytes_sent - at_kill.bytes_done  # sent (or about to be) but never recorded
     assert at_kill.state == "uploading" and at_kill.parts_done < at_kill.part_count
@@ -123,14 +113,9 @@ def test_duplicates_while_uploading_send_nothing_twice(make_stack) -> None:  # t
 
 def test_concurrent_resumes_complete_once(make_stack) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="3")
-    doomed = stack.start_worker("doomed", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
     bucket = stack.new_bucket()
     path = stack.make_file(12 * PART)
-    handle = stack.uploader.submit(str(path), f"s3://{bucket}/resumed.bin", part_size=PART)
-    handle.accepted(timeout=60)
-    _wait_parts_done(stack, handle.upload_id, 3)
-    doomed.kill()
-    doomed.proc.wait(10)
+    handle = stack.upload_then_crash(path, f"s3://{bucket}/resumed.bin", parts_before=3, part_size=PART)
     stack.start_worker("after", concurrency=4)
 
     results: list[object] = []
@@ -156,15 +141,12 @@ def test_concurrent_resumes_complete_once(make_stack) -> None:  # type: ignore[n
 
 def test_lost_checkpoint_is_rebuilt_from_the_servers_parts(make_stack) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="2")
-    doomed = stack.start_worker("doomed", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(20 * MiB))
     bucket = stack.new_bucket()
     path = stack.make_file(12 * PART)
     upload_id = "rebuild-me"
-    handle = stack.uploader.submit(str(path), f"s3://{bucket}/rebuilt.bin", part_size=PART, upload_id=upload_id)
-    handle.accepted(timeout=60)
-    _wait_parts_done(stack, upload_id, 4)
-    doomed.kill()
-    doomed.proc.wait(10)
+    stack.upload_then_crash(
+        path, f"s3://{bucket}/rebuilt.bin", parts_before=4, bandwidth=20 * MiB, part_size=PART, upload_id=upload_id
+    )
     old = stack.uploader.checkpoint.get(upload_id)
     assert old is not None
     on_server = {p["PartNumber"] for p in stack.s3.list_parts(Bucket=bucket, Key="rebuilt.bin", UploadId=old.mpu_id)["Parts"]}
@@ -212,7 +194,7 @@ def test_sigterm_lets_in_flight_parts_finish_and_requeues_the_rest(make_stack) -
     path = stack.make_file(10 * PART)
     handle = stack.uploader.submit(str(path), f"s3://{bucket}/drained.bin", part_size=PART)
     handle.accepted(timeout=60)
-    _wait_parts_done(stack, handle.upload_id, 2)
+    stack.wait_parts_done(handle.upload_id, 2)
 
     leaving.kill(signal.SIGTERM)
     assert leaving.proc.wait(60) == 0

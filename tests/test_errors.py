@@ -11,7 +11,7 @@ from tests.conftest import Stack, sha256_file
 from tests.faultproxy import FaultProxy
 from uploader import UploadFailed
 from uploader.client import UploadStatus
-from uploader.localstack import Beat, wait_until
+from uploader.localstack import wait_until
 from uploader.planner import MiB
 
 PART = 5 * MiB
@@ -95,11 +95,8 @@ def test_an_s3_outage_longer_than_the_part_retries_is_resumed_automatically(make
     assert len(stack.open_multipart_uploads(bucket)) == 1, "parts are kept for the resume"
 
     proxy.rate = 0.0  # the outage ends; nobody runs resume: the reconciler (under beat) does
-    beat = Beat(stack.workdir, stack.env)
-    try:
+    with stack.beat():
         status = handle.wait(timeout=120)
-    finally:
-        beat.stop()
     assert status.state == "completed" and status.auto_resumes >= 1
     record = stack.uploader.checkpoint.get(handle.upload_id)
     assert record is not None and record.complete_calls == 1
@@ -120,11 +117,8 @@ def test_an_outage_before_the_multipart_upload_exists_is_resumed_automatically(m
     assert stack.uploader.checkpoint.get(handle.upload_id).mpu_id == ""  # type: ignore[union-attr]
 
     proxy.rate = 0.0
-    beat = Beat(stack.workdir, stack.env)
-    try:
+    with stack.beat():
         status = handle.wait(timeout=120)
-    finally:
-        beat.stop()
     assert status.state == "completed"
     assert stack.object_sha256(bucket, "late.bin") == sha256_file(path)
     assert stack.open_multipart_uploads(bucket) == []
@@ -139,12 +133,9 @@ def test_automatic_resumes_end_after_the_limit_with_a_final_failure(make_stack, 
     assert _wait_failed(stack, handle.upload_id).retry_at is not None
     # abort_on_failure waits for the final failure: the automatic resume needs the parts.
     assert len(stack.open_multipart_uploads(bucket)) == 1
-    beat = Beat(stack.workdir, stack.env)
-    try:
+    with stack.beat():
         with pytest.raises(UploadFailed, match="SlowDown"):
             handle.wait(timeout=120)
-    finally:
-        beat.stop()
     status = stack.uploader.status(handle.upload_id)
     assert status.state == "failed" and status.retry_at is None and status.auto_resumes == 1
     wait_until(lambda: stack.open_multipart_uploads(bucket) == [], 30, "the multipart upload to be aborted")

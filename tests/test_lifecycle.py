@@ -13,27 +13,28 @@ import pytest
 
 from tests.conftest import Stack, sha256_file
 from uploader import SourceChanged, UploadCancelled, UploadConflict
+from uploader.client import UploadHandle
 from uploader.localstack import wait_until
 from uploader.planner import MiB
 
 PART = 5 * MiB
 
 
-def _start_slow_upload(stack: Stack, parts: int, name: str) -> tuple[str, object, str]:
+def _start_slow_upload(stack: Stack, parts: int, name: str) -> tuple[str, UploadHandle, str]:
     bucket = stack.new_bucket()
     path = stack.make_file(parts * PART)
     handle = stack.uploader.submit(str(path), f"s3://{bucket}/{name}", part_size=PART)
     handle.accepted(timeout=60)
-    wait_until(lambda: stack.uploader.status(handle.upload_id).parts_done >= 2, 60, "two parts recorded")
+    stack.wait_parts_done(handle.upload_id, 2)
     return bucket, handle, str(path)
 
 
 def test_changed_source_is_refused_on_resume_and_restart_uploads_the_new_bytes(make_stack) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="2")
-    doomed = stack.start_worker("doomed", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
-    bucket, handle, path = _start_slow_upload(stack, 8, "changing.bin")
-    doomed.kill()
-    doomed.proc.wait(10)
+    bucket = stack.new_bucket()
+    source = stack.make_file(8 * PART)
+    handle = stack.upload_then_crash(source, f"s3://{bucket}/changing.bin", parts_before=2, part_size=PART)
+    path = str(source)
 
     with open(path, "r+b") as f:  # same size, different bytes, new mtime
         f.seek(3 * PART)
@@ -64,8 +65,8 @@ def test_parts_written_to_a_changed_file_mid_upload_fail_the_upload_clearly(make
     with open(path, "ab") as f:
         f.write(b"appended while uploading")
     with pytest.raises(Exception, match="changed since the upload began"):
-        handle.wait(timeout=120)  # type: ignore[attr-defined]
-    assert stack.uploader.status(handle.upload_id).state == "failed"  # type: ignore[attr-defined]
+        handle.wait(timeout=120)
+    assert stack.uploader.status(handle.upload_id).state == "failed"
     assert stack.s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
 
 
@@ -73,12 +74,12 @@ def test_cancel_aborts_and_late_parts_do_not_resurrect(make_stack) -> None:  # t
     stack: Stack = make_stack()
     stack.start_worker("busy", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
     bucket, handle, _ = _start_slow_upload(stack, 12, "cancelled.bin")
-    record = stack.uploader.checkpoint.get(handle.upload_id)  # type: ignore[attr-defined]
+    record = stack.uploader.checkpoint.get(handle.upload_id)
     assert record is not None
 
-    assert stack.uploader.cancel(handle.upload_id) == "cancelled"  # type: ignore[attr-defined]
+    assert stack.uploader.cancel(handle.upload_id) == "cancelled"
     with pytest.raises(UploadCancelled):
-        handle.wait(timeout=30)  # type: ignore[attr-defined]
+        handle.wait(timeout=30)
     # Parts that were in flight finish (or fail) after the abort: the state stays cancelled.
     inspect = stack.uploader.celery.control.inspect(destination=[w.name for w in stack.workers], timeout=2)
 
@@ -87,16 +88,16 @@ def test_cancel_aborts_and_late_parts_do_not_resurrect(make_stack) -> None:  # t
         return bool(active) and not any(active.values())
 
     wait_until(idle, 60, "the worker's in-flight parts to finish", interval=0.5)
-    status = stack.uploader.status(handle.upload_id)  # type: ignore[attr-defined]
+    status = stack.uploader.status(handle.upload_id)
     assert status.state == "cancelled"
     assert status.parts_done < status.part_count
     with pytest.raises(Exception) as err:
         stack.s3.list_parts(Bucket=bucket, Key="cancelled.bin", UploadId=record.mpu_id)
     assert "NoSuchUpload" in str(err.value)
     assert stack.open_multipart_uploads(bucket) == []
-    assert stack.uploader.cancel(handle.upload_id) == "already"  # type: ignore[attr-defined]
+    assert stack.uploader.cancel(handle.upload_id) == "already"
     with pytest.raises(UploadConflict, match="cancelled"):
-        stack.uploader.resume(handle.upload_id)  # type: ignore[attr-defined]
+        stack.uploader.resume(handle.upload_id)
 
 
 def test_resubmitting_the_same_upload_id_is_idempotent(stack: Stack) -> None:

@@ -11,7 +11,7 @@ import redis
 from tests.conftest import Stack, sha256_file
 from uploader import contract
 from uploader.context import UploaderContext
-from uploader.localstack import Beat, wait_until
+from uploader.localstack import wait_until
 from uploader.maintenance import janitor_plan
 from uploader.planner import MiB
 
@@ -36,11 +36,8 @@ def test_lost_broker_messages_are_redispatched_by_the_stall_reconciler(make_stac
     assert lost > 0
 
     stack.start_worker("survivor", concurrency=4)
-    beat = Beat(stack.workdir, stack.env)
-    try:
+    with stack.beat():
         status = handle.wait(timeout=120)
-    finally:
-        beat.stop()
     assert status.state == "completed"
     assert stack.object_sha256(bucket, "lost.bin") == sha256_file(path)
     record = stack.uploader.checkpoint.get(handle.upload_id)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import chord, group
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 

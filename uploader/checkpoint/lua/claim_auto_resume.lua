@@ -3,9 +3,11 @@
 -- a failure that keeps coming back ends after the allowed number of resumes.
 -- KEYS[1] record. ARGV[1] now, ARGV[2] automatic resumes allowed, ARGV[3] first wait (seconds),
 -- ARGV[4] the longest wait.
--- Returns the number of this resume (1, 2, ...), or 0 when there is nothing to claim. The next
--- "retry_at" is set already, so a resume that itself fails on a transient error (S3 still down)
--- is tried again later; a successful resume leaves "failed" and the field no longer matters.
+-- Returns the number of this resume (1, 2, ...), or 0 when there is nothing to claim (and, when
+-- no resume is left, makes the failure final: "retry_at" 0).
+-- The next "retry_at" is set already: while the resume runs the upload does not look finally
+-- failed to clients, and a resume that itself fails on a transient error (S3 still down) is
+-- claimed again later; a successful one leaves "failed" and the field no longer matters.
 if redis.call("HGET", KEYS[1], "state") ~= "failed" then
   return 0
 end
@@ -14,10 +16,11 @@ local retry_at = tonumber(redis.call("HGET", KEYS[1], "retry_at") or "0")
 if retry_at <= 0 or retry_at > now then
   return 0
 end
-local made = redis.call("HINCRBY", KEYS[1], "auto_resumes", 1)
-local next_at = 0
-if made < tonumber(ARGV[2]) then
-  next_at = now + math.min(tonumber(ARGV[3]) * 2 ^ made, tonumber(ARGV[4]))
+if tonumber(redis.call("HGET", KEYS[1], "auto_resumes") or "0") >= tonumber(ARGV[2]) then
+  redis.call("HSET", KEYS[1], "retry_at", 0, "updated", ARGV[1])
+  return 0
 end
-redis.call("HSET", KEYS[1], "retry_at", next_at, "updated", ARGV[1])
+local made = redis.call("HINCRBY", KEYS[1], "auto_resumes", 1)
+redis.call("HSET", KEYS[1], "retry_at", now + math.min(tonumber(ARGV[3]) * 2 ^ made, tonumber(ARGV[4])),
+  "updated", ARGV[1])
 return made
