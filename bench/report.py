@@ -96,6 +96,12 @@ def _fmt(value: Any, spec: str = "", dash: str = "-") -> str:
     return str(value)
 
 
+def _all_scenarios() -> tuple[str, ...]:
+    from bench.run import SCENARIOS
+
+    return SCENARIOS
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
     add = lines.append
@@ -104,11 +110,17 @@ def markdown(results: dict[str, Any]) -> str:
     add("# Benchmark results")
     add("")
     add(f"Run {results['started']}, {results.get('duration_s', '?')} s in all, with `python -m bench"
-        + (" --quick" if opts["quick"] else "") + f" --size {opts['size'] // MiB}MiB --repeats {opts['repeats']}`."
+        + (" --quick" if opts["quick"] else "") + f" --size {opts['size'] // MiB}MiB --repeats {opts['repeats']}"
+        + (f" --scenarios {','.join(opts['scenarios'])}" if set(opts.get("scenarios") or ()) != set(_all_scenarios()) else "")
+        + "`."
         " Everything ran on this one machine: the S3 server (SeaweedFS `weed mini`, with S3 authentication on),"
         " Redis, the worker and the clients share its cores, so compare ratios within one run, not absolute"
         " numbers across machines or runs.")
     add("")
+    for run in results.get("merged_runs", []):
+        add(f"Merged in from a later run ({run['started']}, {run.get('duration_s', '?')} s, `python -m bench --scenarios "
+            f"{','.join(run['scenarios'])} --merge`): the {', '.join(run['scenarios'])} section(s); the rest is from the run above.")
+        add("")
     m = results.get("machine", {})
     if m:
         add("## Machine")
@@ -289,12 +301,71 @@ def markdown(results: dict[str, Any]) -> str:
             add("Not measured: the transfer of a 10,000-part upload itself (50 GiB at 5 MiB parts would take longer "
                 "than the whole benchmark on this machine and need that much disk).")
         add("")
+    scaling_markdown(sc.get("scaling"), add)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def scaling_markdown(sc: dict[str, Any] | None, add: Any) -> None:
+    if not sc:
+        return
+    add("## Scaling across hosts (network namespaces)")
+    add("")
+    if sc.get("status") == "skipped":
+        add(f"Skipped: {sc.get('reason')}")
+        add("")
+        return
+    if "summary" not in sc:
+        add(f"FAILED: {sc.get('error')}")
+        add("")
+        return
+    tbf = sc["tbf"]
+    add(f"One {sc['file_size'] / MiB:.0f} MiB random file in {sc['part_count']} parts of {sc['part_size'] // MiB} MiB. "
+        f"Each simulated host is a network namespace joined to a bridge by a veth pair, its egress capped at "
+        f"{tbf['rate_bytes_per_s'] / MiB:g} MiB/s by `tc tbf` (burst {tbf['burst_bytes'] // 1024} KiB, latency "
+        f"{tbf['latency_ms']} ms; TCP congestion control {sc.get('tcp_congestion_control') or '?'}), and runs one worker "
+        f"(`celery -A workers.app worker`, threads pool, concurrency {sc['concurrency_per_host']}, prefetch multiplier 1); "
+        "Redis, SeaweedFS and the submitting client sit in a server namespace behind the bridge. "
+        f"Medians of {sc['repeats']} run(s) per host count, interleaved ({'; '.join(','.join(map(str, o)) for o in sc.get('order', []))}); "
+        "wall = submit -> `completed`; every object read back and checked against the source's SHA-256.")
+    add("")
+    add("| hosts | MiB/s (min-max) | wall s | vs 1 host | efficiency | MiB/s per host | parts per host | MiB sent per host (tc) "
+        "| part attempts cut off | worker CPU s | S3 server CPU s | CPU busy: scenario / machine |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n in sc["hosts"]:
+        row = sc["summary"].get(str(n), {})
+        if "mib_s" not in row:
+            add(f"| {n} | FAILED: {row.get('error')} | | | | | | | | | | |")
+            continue
+        add(f"| {n} | {row['mib_s']:.1f} ({row['mib_s_min']:.1f}-{row['mib_s_max']:.1f}) | {row['wall_s']:.2f} "
+            f"| {_fmt(row.get('ratio_vs_1'), '.2f')} | {_fmt(row.get('efficiency'), '.2f')} | {_fmt(row.get('mib_s_per_host'), '.2f')} "
+            f"| {', '.join(row['parts_per_host'])} | {', '.join(row['tc_mib_per_host'])} | {', '.join(map(str, row.get('part_attempts_cut_off') or [])) or '-'} "
+            f"| {row['worker_cpu_s']:.2f} | {row['s3_server_cpu_s']:.2f} "
+            f"| {row['bench_cpu_share'] * 100:.0f}% / {row['machine_cpu_busy'] * 100:.0f}% |")
+    add("")
+    target = sc.get("target", {})
+    best = sc.get("best_ratio")
+    if target.get("measured") is not None:
+        add(f"Target: {target['hosts']} hosts >= {target['ratio']}x one host. Measured (ratio of medians): "
+            f"**{target['measured']:.2f}x, {'met' if target.get('met') else 'NOT met'}**"
+            + (f"; ratio of the best runs: {best:.2f}x." if best is not None else "."))
+        add("")
+    top = sc["summary"].get(str(max(sc["hosts"])), {})
+    add(f"Where the wall time goes (median, {max(sc['hosts'])} hosts): submit -> first part taken {_fmt(top.get('startup_s'), '.2f')} s, "
+        f"parts moving {_fmt(top.get('transfer_s'), '.2f')} s, last part -> completed {_fmt(max(0.0, top.get('completion_s') or 0.0), '.2f')} s; "
+        f"the first host to finish sat idle {_fmt(top.get('max_idle_at_end_s'), '.2f')} s before the last one did. "
+        "Columns: parts, MiB per host and attempts cut off list one run each (MiB counted by the host's tbf: payload plus HTTP/TCP/IP "
+        "headers and anything sent twice); *part attempts cut off* counts part requests SeaweedFS saw end before "
+        "their body was complete (each one is sent again in full); CPU busy is this scenario's processes and the "
+        "whole machine, as a share of all cores, while the uploads ran.")
+    add("")
 
 
 def chart(results: dict[str, Any], path: Path) -> Path | None:
     large = results["scenarios"].get("large")
-    if not large or "summary" not in large:
+    rows = [(large["tools"][k]["label"], r) for k, r in large["summary"].items() if "mib_s" in r] if large and "summary" in large else []
+    scaling = results["scenarios"].get("scaling")
+    scaling_rows = [(int(n), r) for n, r in scaling["summary"].items() if "mib_s" in r] if scaling and "summary" in scaling else []
+    if not rows and not scaling_rows:
         return None
     try:
         import matplotlib
@@ -303,12 +374,25 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [(large["tools"][k]["label"], r) for k, r in large["summary"].items() if "mib_s" in r]
-    if not rows:
-        return None
+    panels = (3 if rows else 0) + (1 if scaling_rows else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.8), squeeze=False)
+    axes = list(axes[0])
+    if rows:
+        _large_panels(large, rows, axes[:3])
+    if scaling_rows:
+        _scaling_panel(scaling, sorted(scaling_rows), axes[-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _large_panels(large: dict[str, Any], rows: list[tuple[str, dict[str, Any]]], axes: list[Any]) -> None:
+    from matplotlib.patches import Patch
+
+    ax1, ax2, ax3 = axes
     labels = [label.replace(" (this project)", "\n(this project)").replace(" + ", "\n+ ") for label, _ in rows]
     colors = ["#d62728" if "this project" in label else "#1f77b4" for label, _ in rows]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.8))
     rates = [r["mib_s"] for _, r in rows]
     err = [[r["mib_s"] - r["mib_s_min"] for _, r in rows], [r["mib_s_max"] - r["mib_s"] for _, r in rows]]
     ax1.bar(labels, rates, yerr=err, capsize=4, color=colors)
@@ -319,8 +403,6 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     gib = large["file_size"] / (1 << 30)
     client = [r["cpu_s"] / gib for _, r in rows]
     server = [r["server_cpu_s"] / gib for _, r in rows]
-    from matplotlib.patches import Patch
-
     ax2.bar(labels, client, color=colors)
     ax2.bar(labels, server, bottom=client, color="#bbbbbb")
     ax2.set_title("CPU seconds per GiB (median)")
@@ -335,7 +417,24 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     ax3.set_title("Client peak RSS, MiB (project: worker)")
     for ax in (ax1, ax2, ax3):
         ax.tick_params(axis="x", labelsize=8, rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+
+def _scaling_panel(sc: dict[str, Any], rows: list[tuple[int, dict[str, Any]]], ax: Any) -> None:
+    hosts = [n for n, _ in rows]
+    rates = [r["mib_s"] for _, r in rows]
+    err = [[r["mib_s"] - r["mib_s_min"] for _, r in rows], [r["mib_s_max"] - r["mib_s"] for _, r in rows]]
+    base_n, base = rows[0][0], rows[0][1]["mib_s"]
+    cap = sc["tbf"]["rate_bytes_per_s"] / MiB
+    ax.plot(hosts, [cap * n for n in hosts], ":", color="#2ca02c", label=f"sum of the caps ({cap:g} MiB/s a host)")
+    ax.plot(hosts, [base * n / base_n for n in hosts], "--", color="#888888", label=f"linear from {base_n} host(s)")
+    ax.errorbar(hosts, rates, yerr=err, fmt="o-", color="#d62728", capsize=4, label="measured (median, min-max)")
+    for n, r in rows:
+        if r.get("ratio_vs_1") is not None:
+            ax.annotate(f"{r['mib_s']:.1f} MiB/s\n{r['ratio_vs_1']:.2f}x", (n, r["mib_s"]), textcoords="offset points",
+                        xytext=(6, -26), fontsize=8)
+    ax.set_xticks(hosts)
+    ax.set_xlabel("worker hosts (network namespaces)")
+    ax.set_ylim(0, max(cap * max(hosts), max(r["mib_s_max"] for _, r in rows)) * 1.2)
+    ax.set_xlim(min(hosts) - 0.5, max(hosts) + 1)
+    ax.set_title(f"Scaling: one {sc['file_size'] / MiB:.0f} MiB upload\naggregate MiB/s, hosts capped at {cap:g} MiB/s")
+    ax.legend(fontsize=8, loc="upper left")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import traceback
 from pathlib import Path
@@ -10,10 +11,10 @@ from typing import Any
 
 from uploader.planner import MiB, parse_size
 
-from bench import fanout, large, profile, report, resume, small
+from bench import fanout, large, profile, report, resume, scaling, small
 from bench.rig import Rig
 
-SCENARIOS = ("large", "profile", "small", "resume", "fanout")
+SCENARIOS = ("large", "profile", "small", "resume", "fanout", "scaling")
 
 
 def log(message: str) -> None:
@@ -32,11 +33,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of: {','.join(SCENARIOS)}")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new temp dir, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, data)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the scenarios run now in an existing latest.json (keep the others), then rewrite latest.md/png")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one upload may take")
     parser.add_argument("--small-count", type=int, default=None, help="small uploads submitted at once (default 1000; --quick: 200)")
     parser.add_argument("--latency-count", type=int, default=None, help="1 KiB uploads timed one by one (default 100; --quick: 30)")
     parser.add_argument("--resume-size", default=None, help="file size for the resume scenario (default 512MiB; --quick: 128MiB)")
     parser.add_argument("--fanout-parts", type=int, default=None, help="parts in the fan-out scenario (default 10000; --quick: 2000)")
+    parser.add_argument("--scaling-size", default=None, help="file size for the scaling scenario (default 256MiB; --quick: 128MiB)")
+    parser.add_argument("--scaling-hosts", default="1,2,4", help="host counts of the scaling scenario (default 1,2,4)")
+    parser.add_argument("--scaling-rate", default="10MiB", help="egress cap of each simulated host, per second (default 10MiB)")
+    parser.add_argument("--scaling-repeats", type=int, default=None, help="runs per host count, interleaved (default 3; --quick: 1)")
+    parser.add_argument("--scaling-tcp-cc", default=None, help="TCP congestion control inside the host namespaces (default: the machine's)")
     args = parser.parse_args(argv)
     args.size = parse_size(args.size) if args.size else (128 * MiB if args.quick else 1 << 30)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
@@ -45,6 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.latency_count = args.latency_count or (30 if args.quick else 100)
     args.resume_size = parse_size(args.resume_size) if args.resume_size else (128 * MiB if args.quick else 512 * MiB)
     args.fanout_parts = args.fanout_parts or (2000 if args.quick else 10_000)
+    args.scaling_size = parse_size(args.scaling_size) if args.scaling_size else (128 * MiB if args.quick else 256 * MiB)
+    args.scaling_hosts = sorted({int(n) for n in args.scaling_hosts.split(",") if n.strip()})
+    if not args.scaling_hosts or min(args.scaling_hosts) < 1 or max(args.scaling_hosts) > 16:
+        parser.error("--scaling-hosts: host counts between 1 and 16")
+    args.scaling_rate = parse_size(args.scaling_rate)
+    args.scaling_repeats = args.scaling_repeats if args.scaling_repeats is not None else (1 if args.quick else 3)
     args.tools = [t for t in args.tools.split(",") if t] or None
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.scenarios) - set(SCENARIOS)
@@ -61,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "options": {
             "size": args.size, "repeats": args.repeats, "quick": args.quick, "part_size": args.part_size,
             "concurrency": args.concurrency, "tools": args.tools, "scenarios": args.scenarios,
+            "scaling_size": args.scaling_size, "scaling_hosts": args.scaling_hosts,
+            "scaling_rate": args.scaling_rate, "scaling_repeats": args.scaling_repeats, "scaling_tcp_cc": args.scaling_tcp_cc,
         },
         "scenarios": {},
     }
@@ -70,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Rig(args.workdir, keep=args.keep, log=log) as rig:
             log(f"scratch directory {rig.workdir}")
-            rig.start_s3()
-            log(f"SeaweedFS S3 on {rig.endpoint_url}")
+            if set(args.scenarios) - {"scaling"}:  # scaling runs its own servers in a namespace
+                rig.start_s3()
+                log(f"SeaweedFS S3 on {rig.endpoint_url}")
             if "large" in args.scenarios:
                 log(f"large file ({args.size / MiB:.0f} MiB, {args.part_size / MiB:.0f} MiB parts, concurrency {args.concurrency}):")
                 try:
@@ -128,17 +145,46 @@ def main(argv: list[str] | None = None) -> int:
                 _guard(results, "fanout", lambda: fanout.run(
                     rig, parts=args.fanout_parts, concurrency=args.concurrency, timeout=min(args.timeout, 300), log=log,
                 ))
+            if "scaling" in args.scenarios:
+                log(f"scaling across simulated hosts ({args.scaling_size / MiB:.0f} MiB, hosts "
+                    f"{','.join(map(str, args.scaling_hosts))}, {args.scaling_rate / MiB:g} MiB/s cap each):")
+                _guard(results, "scaling", lambda: scaling.run(
+                    rig, size=args.scaling_size, repeats=args.scaling_repeats, hosts=args.scaling_hosts,
+                    part_size=args.part_size, concurrency=args.concurrency, rate=args.scaling_rate,
+                    timeout=args.timeout, log=log, tcp_cc=args.scaling_tcp_cc,
+                ))
             results["machine"] = report.machine_info(rig)
     except KeyboardInterrupt:
         log("interrupted: every process the benchmark started has been stopped")
         return 130
     results["duration_s"] = round(time.time() - started, 1)
+    ran = dict(results["scenarios"])
+    if args.merge:
+        results = merge(results, args.out / "latest.json")
     written = report.write(results, args.out)
-    log("wrote " + ", ".join(str(p) for p in written) + f" in {results['duration_s']} s")
+    log("wrote " + ", ".join(str(p) for p in written) + f" in {round(time.time() - started, 1)} s")
     print()
     print((args.out / "latest.md").read_text())
-    failed = [name for name, res in results["scenarios"].items() if isinstance(res, dict) and res.get("error")]
+    failed = [name for name, res in ran.items() if isinstance(res, dict) and res.get("error")]
     return 1 if failed else 0
+
+
+def merge(results: dict[str, Any], previous: Path) -> dict[str, Any]:
+    """``previous`` with the scenarios of ``results`` replaced; the run that produced them is
+    listed under ``merged_runs`` (the report names it beside those scenarios)."""
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        log(f"--merge: no readable {previous}; writing this run alone")
+        return results
+    replaced = set(results["scenarios"])
+    old["merged_runs"] = [r for r in old.get("merged_runs", []) if not replaced & set(r["scenarios"])]
+    old["scenarios"].update(results["scenarios"])
+    old["merged_runs"].append({
+        "started": results["started"], "options": results["options"], "duration_s": results["duration_s"],
+        "scenarios": list(results["scenarios"]), "load_average_at_end": results.get("machine", {}).get("load_average_at_end"),
+    })
+    return old
 
 
 def _guard(results: dict[str, Any], name: str, fn: Any) -> None:
