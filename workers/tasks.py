@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.utils import uuid
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
@@ -38,9 +39,22 @@ def dispatch(plan: Dispatch) -> None:
             body,
         )
     elif plan.kind == "single":
-        put_object.si(upload_id=upload_id, generation=generation).apply_async()
+        _put_here_or_enqueue(upload_id, generation)
     elif plan.kind == "complete":
         complete_upload.si(upload_id=upload_id, generation=generation).apply_async()
+
+
+def _put_here_or_enqueue(upload_id: str, generation: int) -> None:
+    """A small source is sent by the task that decided it (the coordinator), not by another task:
+    a second message, with its events and result, cost more than the PUT of a small object, and
+    the queue hop was most of a small upload's latency. On a transient error the PUT continues
+    as a ``put_object`` task (with its own retries), under the same completion lease token."""
+    token = uuid()
+    try:
+        transfer.put_single(default_context(), upload_id, generation, token=token)
+    except TransientStoreError as exc:
+        log.warning("upload %s: PutObject: %s; retrying as a task", upload_id, exc)
+        put_object.si(upload_id=upload_id, generation=generation).apply_async(task_id=token, countdown=1)
 
 
 def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str, generation: int = 0) -> None:
