@@ -8,6 +8,7 @@ import ast
 import base64
 import json
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from celery import Celery
 
 from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, sha256_file
 from uploader import contract
+from uploader.config import get_settings
 from uploader.contract import PARTS_QUEUE, celery_config
 from uploader.localstack import wait_until
 from uploader.planner import MiB
@@ -173,6 +175,19 @@ def _normalized(raw: str) -> dict[str, Any]:
             "embed": {**embed, "chord": body}, "content": (message["content-type"], message["content-encoding"])}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    """The dispatch reads the process-wide settings; tests that change them start and end fresh."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def _setting(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+
+
 def test_batched_messages_are_the_messages_of_celerys_own_chord(make_stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack()  # no workers: the messages stay queued
     app, upload_part = _parity_app(stack)
@@ -180,13 +195,13 @@ def test_batched_messages_are_the_messages_of_celerys_own_chord(make_stack, monk
     redis = stack.uploader.checkpoint.redis
     backend = app.backend
 
-    monkeypatch.setenv(fanout.MODE_ENV, "chord")
+    _setting(monkeypatch, "UPLOADER_FANOUT", "chord")
     plain_group = fanout.send_chord(app, upload_part, header, _body(app, "parity", 3))
     plain = queued(stack)
     redis.delete(PARTS_QUEUE)
 
-    monkeypatch.setenv(fanout.MODE_ENV, "auto")
-    monkeypatch.setenv(fanout.BATCH_ENV, "5")
+    _setting(monkeypatch, "UPLOADER_FANOUT", "auto")
+    _setting(monkeypatch, "UPLOADER_FANOUT_BATCH", "5")
     fast_group = fanout.send_chord(app, upload_part, header, _body(app, "parity", 3))
     fast = queued(stack)
 
@@ -233,8 +248,8 @@ def test_a_failed_batch_is_sent_again_under_the_same_task_ids(make_stack, monkey
             raise BatchPublishError("Redis publish batch failed; delivery is uncertain")
 
     monkeypatch.setattr(PublishBatch, "flush", flush_then_fail_once)
-    monkeypatch.setenv(fanout.MODE_ENV, "auto")
-    monkeypatch.setenv(fanout.BATCH_ENV, "5")
+    _setting(monkeypatch, "UPLOADER_FANOUT", "auto")
+    _setting(monkeypatch, "UPLOADER_FANOUT_BATCH", "5")
     group_id = fanout.send_chord(app, upload_part, header, _body(app, "flaky", 1))
 
     messages = [decode(m) for m in queued(stack)]

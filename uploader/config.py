@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     janitor_interval: float = Field(3600, gt=0)
     #: Bytes per second one worker process may send (0 = unlimited).
     max_bandwidth: int = Field(0, ge=0)
+    #: How the coordinator sends a chord of part tasks: ``auto`` (in pipelined batches of
+    #: ``fanout_batch`` messages on a Redis broker, Celery's plain chord otherwise), ``chord``
+    #: (always the plain chord), ``fast-sent`` (batched, with a task-sent event per part; for
+    #: measurements). See ``workers/fanout.py``.
+    fanout: Literal["auto", "chord", "fast-sent"] = "auto"
+    fanout_batch: int = Field(500, ge=1)
     #: Threads per worker process (also the S3 connection pool size).
     worker_concurrency: int = Field(8, ge=1)
 

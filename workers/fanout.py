@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -62,32 +61,26 @@ from celery.canvas import Signature
 from celery.utils import uuid
 from kombu.exceptions import BatchPublishError, OperationalError
 
+from uploader.config import get_settings
+
 log = logging.getLogger(__name__)
 
-#: Messages per Redis pipeline round trip. 10,000 parts take 20 round trips; a batch of 500 part
-#: messages is about 1 MB, and the first parts start within milliseconds of the dispatch.
-#: ``UPLOADER_FANOUT_BATCH`` overrides it (the tests use a small one to cross batch boundaries).
+#: Messages per Redis pipeline round trip, by default (``UPLOADER_FANOUT_BATCH``). 10,000 parts
+#: take 20 round trips; a batch of 500 part messages is about 1 MB, and the first parts start
+#: within milliseconds of the dispatch. The tests use a small one to cross batch boundaries.
 BATCH_SIZE = 500
-BATCH_ENV = "UPLOADER_FANOUT_BATCH"
 
 #: Broker URL schemes served by kombu's Redis transport.
 REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
 
-#: ``UPLOADER_FANOUT``: ``auto`` (the default: batched on Redis, plain chord otherwise),
-#: ``chord`` (always Celery's plain chord), ``fast-sent`` (batched, with a task-sent event per
-#: part; for measurements).
-MODE_ENV = "UPLOADER_FANOUT"
-
 
 def mode() -> str:
-    return os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+    """``UPLOADER_FANOUT``: ``auto``, ``chord`` or ``fast-sent`` (see :class:`~uploader.config.Settings`)."""
+    return get_settings().fanout
 
 
 def batch_size() -> int:
-    try:
-        return max(1, int(os.environ.get(BATCH_ENV, BATCH_SIZE)))
-    except ValueError:
-        return BATCH_SIZE
+    return get_settings().fanout_batch
 
 
 def fast_path_available(app: Celery) -> bool:
