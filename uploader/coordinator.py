@@ -104,6 +104,11 @@ class Coordinator:
             # Still "creating": our own retry after a transient error (CreateMultipartUpload
             # during an S3 outage), or a duplicate racing the first creator. Whoever holds the
             # dispatch lock creates; the others find the state moved on.
+        elif mode == "single":
+            # Nothing to create on the server, so no dispatch lock (two round trips of a small
+            # upload's few): attach_multipart admits one coordinator, and the PUT itself is
+            # fenced by the completion lease. A fresh claim is generation 1.
+            return self._attach_single(upload_id, 1, dispatch)
         with self._dispatch_lock(upload_id) as locked:
             if not locked:
                 return Dispatch(upload_id, "nothing", reason="another coordinator is creating it")
@@ -115,36 +120,42 @@ class Coordinator:
     def _create_and_dispatch(self, record: UploadRecord, dispatch: Dispatcher) -> Dispatch:
         upload_id = record.upload_id
         if record.mode == "single":
-            outcome = self.store.attach_multipart(upload_id, "")
-            plan = (
-                Dispatch(upload_id, "single", generation=record.generation)
-                if outcome == "ok"
-                else Dispatch(upload_id, "nothing", reason=outcome)
+            return self._attach_single(upload_id, record.generation, dispatch)
+        adopted = self._find_our_multipart_upload(record)
+        try:
+            mpu_id = adopted[0] if adopted else self.objects.create_multipart_upload(
+                record.bucket, record.key, metadata=record.metadata, content_type=record.content_type
             )
+        except PermanentStoreError:
+            self.store.discard(upload_id)  # refused before anything existed: leave nothing
+            raise
+        outcome = self.store.attach_multipart(upload_id, mpu_id)
+        if outcome == "ok" and adopted:
+            for number, part, size in adopted[1]:
+                self.store.record_part(upload_id, mpu_id, number, part, size)
+            log.warning("upload %s: rebuilt its checkpoint from %d parts already on the server", upload_id, len(adopted[1]))
+            return self._reopen_and_dispatch(self._get(upload_id), dispatch)
+        if outcome != "ok":
+            # Cancelled (or taken over) while we created it: ours is an orphan, remove it.
+            self.objects.abort_multipart_upload(record.bucket, record.key, mpu_id)
+            plan = Dispatch(upload_id, "nothing", reason=outcome)
         else:
-            adopted = self._find_our_multipart_upload(record)
-            try:
-                mpu_id = adopted[0] if adopted else self.objects.create_multipart_upload(
-                    record.bucket, record.key, metadata=record.metadata, content_type=record.content_type
-                )
-            except PermanentStoreError:
-                self.store.discard(upload_id)  # refused before anything existed: leave nothing
-                raise
-            outcome = self.store.attach_multipart(upload_id, mpu_id)
-            if outcome == "ok" and adopted:
-                for number, part, size in adopted[1]:
-                    self.store.record_part(upload_id, mpu_id, number, part, size)
-                log.warning("upload %s: rebuilt its checkpoint from %d parts already on the server", upload_id, len(adopted[1]))
-                return self._reopen_and_dispatch(self._get(upload_id), dispatch)
-            if outcome != "ok":
-                # Cancelled (or taken over) while we created it: ours is an orphan, remove it.
-                self.objects.abort_multipart_upload(record.bucket, record.key, mpu_id)
-                plan = Dispatch(upload_id, "nothing", reason=outcome)
-            else:
-                plan = Dispatch(upload_id, "parts", tuple(range(1, record.part_count + 1)), record.generation)
+            plan = Dispatch(upload_id, "parts", tuple(range(1, record.part_count + 1)), record.generation)
         if plan.kind != "nothing":
             dispatch(plan)
         log.info("upload %s: dispatched %s (%d parts)", upload_id, plan.kind, len(plan.parts))
+        return plan
+
+    def _attach_single(self, upload_id: str, generation: int, dispatch: Dispatcher) -> Dispatch:
+        outcome = self.store.attach_multipart(upload_id, "")
+        plan = (
+            Dispatch(upload_id, "single", generation=generation)
+            if outcome == "ok"
+            else Dispatch(upload_id, "nothing", reason=outcome)
+        )
+        if plan.kind != "nothing":
+            dispatch(plan)
+        log.info("upload %s: dispatched %s", upload_id, plan.kind)
         return plan
 
     def _find_our_multipart_upload(self, record: UploadRecord) -> tuple[str, list[tuple[int, UploadedPart, int]]] | None:
