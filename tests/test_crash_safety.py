@@ -139,6 +139,27 @@ def test_concurrent_resumes_complete_once(make_stack) -> None:  # type: ignore[n
     assert stack.open_multipart_uploads(bucket) == []
 
 
+def test_a_completer_that_died_after_complete_is_finished_without_uploading_again(stack: Stack) -> None:
+    bucket = stack.new_bucket()
+    path = stack.make_file(3 * PART + 7)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/finished.bin", part_size=PART)
+    done = handle.wait(timeout=120)
+    # The state a completer leaves when it dies between CompleteMultipartUpload (which took
+    # effect: the multipart upload is gone, the object is there) and recording it: "completing"
+    # under a lease that has lapsed.
+    store = stack.uploader.checkpoint
+    store.redis.hset(store.record_key(handle.upload_id), mapping={"state": "completing", "lease_token": "dead", "lease_until": 0})
+    store.redis.hdel(store.record_key(handle.upload_id), "finished")
+
+    outcome = stack.uploader.resume(handle.upload_id)
+    assert outcome["dispatched"] == "complete", outcome
+    status = handle.wait(timeout=60)
+    assert status.state == "completed" and status.final_etag == done.final_etag
+    assert status.bytes_sent == done.bytes_sent, "nothing was uploaded again"
+    assert stack.object_sha256(bucket, "finished.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
+
+
 def test_lost_checkpoint_is_rebuilt_from_the_servers_parts(make_stack) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack(UPLOADER_WORKER_HEARTBEAT_SECONDS="2")
     bucket = stack.new_bucket()

@@ -72,7 +72,7 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
     try:
         ctx.objects.complete_multipart_upload(record.bucket, record.key, record.mpu_id, ordered)
     except PermanentStoreError as exc:
-        if error_code(exc) == "NoSuchUpload" and _stored_etag(ctx, record.bucket, record.key) == expected_etag:
+        if error_code(exc) == "NoSuchUpload" and object_etag(ctx, record.bucket, record.key) == expected_etag:
             log.info("upload %s: already completed by an earlier attempt", upload_id)
         else:
             mark_failed(ctx, upload_id, str(exc), generation)
@@ -127,7 +127,20 @@ def mark_failed(
     return True
 
 
-def _stored_etag(ctx: UploaderContext, bucket: str, key: str) -> str | None:
+def completed_on_server(ctx: UploaderContext, upload_id: str) -> bool:
+    """Whether the object at the upload's key is the one its recorded parts make (its ETag is
+    their multipart ETag): CompleteMultipartUpload took effect, whatever the checkpoint says."""
+    record = ctx.checkpoint.get(upload_id)
+    if record is None or record.mode != "multipart":
+        return False
+    parts = ctx.checkpoint.parts(upload_id)
+    if any(n not in parts for n in range(1, record.part_count + 1)):
+        return False
+    expected = multipart_etag(parts[n].etag for n in range(1, record.part_count + 1))
+    return object_etag(ctx, record.bucket, record.key) == expected
+
+
+def object_etag(ctx: UploaderContext, bucket: str, key: str) -> str | None:
     try:
         return ctx.objects.head_object(bucket, key).get("ETag")
     except UploaderError:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from uploader.checkpoint import UploadRecord
+from uploader.completion import completed_on_server
 from uploader.context import UploaderContext
 from uploader.errors import (
     PermanentStoreError,
@@ -239,9 +240,14 @@ class Coordinator:
             try:
                 listed = list(self.objects.list_parts(record.bucket, record.key, record.mpu_id))
             except PermanentStoreError as exc:
-                if error_code(exc) == "NoSuchUpload":
-                    return self._restart(record, fingerprint, dispatch, why="multipart upload gone from the server")
-                raise
+                if error_code(exc) != "NoSuchUpload":
+                    raise
+                if completed_on_server(self.ctx, upload_id):
+                    # A completer died after CompleteMultipartUpload took effect: only the
+                    # bookkeeping is left, which the completion does (it accepts NoSuchUpload
+                    # when the stored object is the one the recorded parts make).
+                    return self._reopen_and_dispatch(record, dispatch)
+                return self._restart(record, fingerprint, dispatch, why="multipart upload gone from the server")
             if restart:
                 return self._restart(record, fingerprint, dispatch, why="restart requested")
             # A recorded part the server does not hold (with that ETag) must be sent again.
