@@ -31,14 +31,21 @@ def warm_up(rig: Rig, s3: Any, bucket: str) -> None:
     body = b"\0" * (8 * MiB)
     for i in range(4):
         s3.put_object(Bucket=bucket, Key=f"warm-up/{i}", Body=body)
+    warm_up_multipart(s3, bucket)
+    for key in [f"warm-up/{i}" for i in range(4)]:
+        s3.delete_object(Bucket=bucket, Key=key)
+
+
+def warm_up_multipart(s3: Any, bucket: str) -> None:
+    """One two-part multipart upload, completed and deleted (its first one is slow on SeaweedFS)."""
+    body = b"\0" * (8 * MiB)
     mpu = s3.create_multipart_upload(Bucket=bucket, Key="warm-up/mpu")["UploadId"]
     parts = []
     for n in (1, 2):
         etag = s3.upload_part(Bucket=bucket, Key="warm-up/mpu", UploadId=mpu, PartNumber=n, Body=body)["ETag"]
         parts.append({"PartNumber": n, "ETag": etag})
     s3.complete_multipart_upload(Bucket=bucket, Key="warm-up/mpu", UploadId=mpu, MultipartUpload={"Parts": parts})
-    for key in [f"warm-up/{i}" for i in range(4)] + ["warm-up/mpu"]:
-        s3.delete_object(Bucket=bucket, Key=key)
+    s3.delete_object(Bucket=bucket, Key="warm-up/mpu")
 
 
 def run(rig: Rig, *, size: int, repeats: int, part_size: int, concurrency: int, tools: list[str] | None,

@@ -24,7 +24,6 @@ import time
 import traceback
 from typing import Any
 
-MiB = 1 << 20
 
 
 def main() -> int:
@@ -34,6 +33,7 @@ def main() -> int:
     import boto3
     from botocore.config import Config
 
+    from bench.large import warm_up_multipart
     from uploader import Uploader
     from uploader.config import Settings
 
@@ -68,14 +68,7 @@ def main() -> int:
             raise TimeoutError(f"Redis or S3 did not answer in the server namespace: {last}")
         bucket = req["bucket"]
         s3.create_bucket(Bucket=bucket)
-        body = b"\0" * (8 * MiB)
-        mpu = s3.create_multipart_upload(Bucket=bucket, Key="warm-up/mpu")["UploadId"]
-        parts = []
-        for n in (1, 2):
-            etag = s3.upload_part(Bucket=bucket, Key="warm-up/mpu", UploadId=mpu, PartNumber=n, Body=body)["ETag"]
-            parts.append({"PartNumber": n, "ETag": etag})
-        s3.complete_multipart_upload(Bucket=bucket, Key="warm-up/mpu", UploadId=mpu, MultipartUpload={"Parts": parts})
-        s3.delete_object(Bucket=bucket, Key="warm-up/mpu")
+        warm_up_multipart(s3, bucket)
         return {"ok": True}
 
     def upload(req: dict[str, Any]) -> dict[str, Any]:

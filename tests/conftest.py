@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from celery import Celery
 
 import hypothesis.internal.observability  # noqa: F401  (imported before worker threads exist: CPython 3.11.7 ast bug)
 
@@ -171,6 +173,26 @@ class Stack:
         for worker in self.workers:
             worker.stop()
         self.uploader.close()
+
+
+def listen_for_events(app: Celery, events: list[dict]) -> threading.Thread:
+    """Collect the Celery events (what Flower sees) on ``app``'s broker into ``events``, in a
+    daemon thread that gives up 60 s after the last event."""
+    ready = threading.Event()
+
+    def listen() -> None:
+        with app.connection() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": events.append})
+            ready.set()
+            try:
+                receiver.capture(limit=None, timeout=60, wakeup=False)
+            except Exception:  # socket timeout once the test stops listening
+                pass
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    return thread
 
 
 def sha256_file(path: Path) -> str:

@@ -613,34 +613,10 @@ class CheckpointMachine(RuleBasedStateMachine):
     )
     def race_the_completer(self, action: str, data: st.DataObject) -> None:
         """While a completer holds a live lease, something else acts on the upload."""
-        uid = data.draw(st.sampled_from(self.completing_live()), label="uid")
-        if action == "cancel":
-            self.cancel(uid, True)
-        elif action == "reopen":
-            self.reopen(uid, data.draw(mpu_choices))
-        elif action == "restart":
-            self.restart(uid, data.draw(mpu_choices), data.draw(modes), data.draw(st.integers(1, MAX_PARTS)))
-        elif action == "mark_failed":
-            self.mark_failed(uid, data.draw(st.sampled_from(["current", "stale", "any"])), True)
-        elif action == "forget":
-            self.forget_parts(uid, data.draw(mpu_choices), data)
-        elif action == "complete":
-            self.begin_completion(uid, data.draw(tokens), data.draw(leases))
-        elif action == "finish":
-            self.mark_completed(uid, data.draw(st.sampled_from(["holder", *TOKENS, "c-wrong"])))
-        else:
-            self.record_part(uid, data.draw(mpu_choices), data.draw(sizes), data)
+        self._act(data.draw(st.sampled_from(self.completing_live()), label="uid"), action, data)
 
-    @precondition(lambda self: self.finished())
-    @rule(
-        action=st.sampled_from(
-            ["cancel", "reopen", "restart", "mark_failed", "forget", "complete", "finish", "record", "begin"]
-        ),
-        data=st.data(),
-    )
-    def poke_a_finished_upload(self, action: str, data: st.DataObject) -> None:
-        """Late messages and clients acting on a completed or cancelled upload: nothing changes."""
-        uid = data.draw(st.sampled_from(self.finished()), label="uid")
+    def _act(self, uid: str, action: str, data: st.DataObject) -> None:
+        """One transition on ``uid``, its arguments drawn from ``data``."""
         if action == "cancel":
             self.cancel(uid, True)
         elif action == "reopen":
@@ -657,8 +633,21 @@ class CheckpointMachine(RuleBasedStateMachine):
             self.mark_completed(uid, data.draw(st.sampled_from(["holder", *TOKENS, "c-wrong"])))
         elif action == "record":
             self.record_part(uid, data.draw(mpu_choices), data.draw(sizes), data)
-        else:
+        elif action == "begin":
             self.begin_part(uid, data.draw(st.sampled_from(["current", "stale", "future"])), data.draw(owners), data)
+        else:
+            raise AssertionError(f"no action {action!r}")
+
+    @precondition(lambda self: self.finished())
+    @rule(
+        action=st.sampled_from(
+            ["cancel", "reopen", "restart", "mark_failed", "forget", "complete", "finish", "record", "begin"]
+        ),
+        data=st.data(),
+    )
+    def poke_a_finished_upload(self, action: str, data: st.DataObject) -> None:
+        """Late messages and clients acting on a completed or cancelled upload: nothing changes."""
+        self._act(data.draw(st.sampled_from(self.finished()), label="uid"), action, data)
 
     # -- invariants ---------------------------------------------------------------------------
     @invariant()

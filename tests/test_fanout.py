@@ -7,14 +7,13 @@ from __future__ import annotations
 import ast
 import base64
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
 
-from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, sha256_file
+from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, listen_for_events, sha256_file
 from uploader import contract
 from uploader.config import get_settings
 from uploader.contract import PARTS_QUEUE, celery_config
@@ -37,24 +36,6 @@ def decode(raw: str) -> dict[str, Any]:
 def queued(stack: Stack, queue: str = PARTS_QUEUE) -> list[str]:
     """Messages of ``queue`` in consumption order (kombu LPUSHes, workers BRPOP)."""
     return list(reversed(stack.uploader.checkpoint.redis.lrange(queue, 0, -1)))
-
-
-def listen_for_events(app: Celery, events: list[dict]) -> threading.Thread:
-    ready = threading.Event()
-
-    def listen() -> None:
-        with app.connection() as conn:
-            receiver = app.events.Receiver(conn, handlers={"*": events.append})
-            ready.set()
-            try:
-                receiver.capture(limit=None, timeout=60, wakeup=False)
-            except Exception:  # socket timeout once the test stops listening
-                pass
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    return thread
 
 
 def test_many_parts_are_sent_in_batches_and_complete_once_through_the_chord(make_stack) -> None:  # type: ignore[no-untyped-def]

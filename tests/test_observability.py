@@ -8,11 +8,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 from celery import Celery
 
-from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, sha256_file
+from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, listen_for_events, sha256_file
 from uploader.localstack import wait_until
 from uploader.planner import MiB
 
@@ -21,21 +20,7 @@ def test_task_events_show_ids_and_numbers_only_and_no_secrets(make_stack) -> Non
     stack: Stack = make_stack()
     worker = stack.start_worker("observed", concurrency=4)
     events: list[dict] = []
-    app = Celery(broker=stack.redis_url)
-    ready = threading.Event()
-
-    def listen() -> None:
-        with app.connection() as conn:
-            receiver = app.events.Receiver(conn, handlers={"*": events.append})
-            ready.set()
-            try:
-                receiver.capture(limit=None, timeout=30, wakeup=False)
-            except Exception:  # socket timeout once the test stops listening
-                pass
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    ready.wait(10)
+    thread = listen_for_events(Celery(broker=stack.redis_url), events)
     bucket = stack.new_bucket()
     path = stack.make_file(3 * 5 * MiB)
     handle = stack.uploader.submit(str(path), f"s3://{bucket}/seen.bin", part_size=5 * MiB, metadata={"a": "b"})
