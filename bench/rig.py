@@ -23,7 +23,7 @@ from botocore.config import Config
 
 from bench import procstat
 from uploader.config import Settings
-from uploader.localstack import RedisServer, SeaweedS3, Worker
+from uploader.localstack import RedisServer, SeaweedS3, Worker, write_random_file
 
 ACCESS_KEY = "bench-access-key"
 SECRET_KEY = "bench-secret-key"
@@ -183,12 +183,7 @@ class Rig:
 
     def make_random_file(self, name: str, size: int) -> Path:
         path = self.sources / name
-        with open(path, "wb") as f:
-            remaining = size
-            while remaining:
-                chunk = os.urandom(min(remaining, 8 << 20))
-                f.write(chunk)
-                remaining -= len(chunk)
+        write_random_file(path, size)
         return path
 
     def make_sparse_file(self, name: str, size: int) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -30,7 +29,17 @@ from uploader import Uploader
 from uploader.checkpoint import CheckpointStore
 from uploader.client import UploadHandle
 from uploader.config import Settings
-from uploader.localstack import Beat, MotoS3, RedisServer, SeaweedS3, Worker, scratch_dir, wait_until
+from uploader.localstack import (
+    Beat,
+    MotoS3,
+    RedisServer,
+    SeaweedS3,
+    Worker,
+    object_sha256,
+    scratch_dir,
+    wait_until,
+    write_random_file,
+)
 from uploader.planner import MiB
 
 ACCESS_KEY = "test-access-key"
@@ -148,20 +157,11 @@ class Stack:
 
     def make_file(self, size: int, name: str | None = None) -> Path:
         path = self.sources_root / (name or f"src-{uuid.uuid4().hex}.bin")
-        with open(path, "wb") as f:
-            remaining = size
-            while remaining:
-                chunk = os.urandom(min(remaining, 4 << 20))
-                f.write(chunk)
-                remaining -= len(chunk)
+        write_random_file(path, size)
         return path
 
     def object_sha256(self, bucket: str, key: str) -> str:
-        body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: body.read(1 << 20), b""):
-            digest.update(chunk)
-        return digest.hexdigest()
+        return object_sha256(self.s3, bucket, key)
 
     def open_multipart_uploads(self, bucket: str) -> list[dict]:
         return self.s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])

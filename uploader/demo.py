@@ -8,12 +8,10 @@ downloads the stored object and compares its SHA-256 with the source; prints a s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 import uuid
-from pathlib import Path
 
 import boto3
 from botocore.config import Config
@@ -22,7 +20,7 @@ from rich.table import Table
 
 from uploader.client import Uploader
 from uploader.config import Settings, get_settings, redact_url
-from uploader.localstack import RedisServer, SeaweedS3, Worker, redis_answers, scratch_dir
+from uploader.localstack import RedisServer, SeaweedS3, Worker, object_sha256, redis_answers, scratch_dir, write_random_file
 from uploader.planner import format_size
 from uploader.progress import show_progress
 
@@ -68,7 +66,7 @@ def run_demo(*, size: int, part_size: int, workers: int, concurrency: int) -> in
 
         source = workdir / "demo-source.bin"
         console.print(f"Generating {format_size(size)} of random data ...")
-        source_sha = _write_random(source, size)
+        source_sha = write_random_file(source, size)
 
         settings = Settings(
             broker_url=broker, checkpoint_url=broker, result_backend=broker, key_prefix=prefix,
@@ -91,7 +89,7 @@ def run_demo(*, size: int, part_size: int, workers: int, concurrency: int) -> in
             return 1
 
         console.print("Verifying: downloading the stored object and hashing it ...")
-        stored_sha = _object_sha256(client, BUCKET, "demo-source.bin")
+        stored_sha = object_sha256(client, BUCKET, "demo-source.bin")
         ok = stored_sha == source_sha
         table = Table(title="uploader demo", show_header=False)
         for name, value in [
@@ -114,21 +112,3 @@ def run_demo(*, size: int, part_size: int, workers: int, concurrency: int) -> in
         console.print("Cleaned up the processes and files the demo started.")
 
 
-def _write_random(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        remaining = size
-        while remaining:
-            chunk = os.urandom(min(remaining, 8 << 20))
-            digest.update(chunk)
-            f.write(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
-
-
-def _object_sha256(client, bucket: str, key: str) -> str:  # type: ignore[no-untyped-def]
-    digest = hashlib.sha256()
-    body = client.get_object(Bucket=bucket, Key=key)["Body"]
-    for chunk in iter(lambda: body.read(8 << 20), b""):
-        digest.update(chunk)
-    return digest.hexdigest()

@@ -7,6 +7,7 @@ deployed on their own (see ``deploy/``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -216,3 +218,25 @@ def worker_argv(*, concurrency: int, hostname: str | None = None, loglevel: str 
 
 def scratch_dir(prefix: str = "uploader-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def write_random_file(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path`` (8 MiB at a time); return their SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        remaining = size
+        while remaining:
+            chunk = os.urandom(min(remaining, 8 << 20))
+            digest.update(chunk)
+            f.write(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def object_sha256(client: Any, bucket: str, key: str) -> str:
+    """SHA-256 of a stored object, read back through ``client`` (a boto3 S3 client)."""
+    digest = hashlib.sha256()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    for chunk in iter(lambda: body.read(8 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
