@@ -79,7 +79,9 @@ class Uploader:
         self.settings = settings
         self.celery = Celery("uploader-client", set_as_current=False)
         self.celery.conf.update(contract.celery_config(settings))
-        self.checkpoint = CheckpointStore.from_url(settings.effective_checkpoint_url, prefix=settings.key_prefix)
+        self.checkpoint = CheckpointStore.from_url(
+            settings.effective_checkpoint_url, prefix=settings.key_prefix, reconnect_attempts=settings.redis_reconnect_attempts
+        )
 
     @classmethod
     def from_env(cls) -> Uploader:

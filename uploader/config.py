@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     #: measurements). See ``workers/fanout.py``.
     fanout: Literal["auto", "chord", "fast-sent"] = "auto"
     fanout_batch: int = Field(500, ge=1)
+    #: Attempts per Redis command during a Redis outage (backoff up to 2 s each; 30: about a
+    #: minute) before the task in hand gives up; the reconciler recovers from longer outages.
+    redis_reconnect_attempts: int = Field(30, ge=0)
     #: Threads per worker process (also the S3 connection pool size).
     worker_concurrency: int = Field(8, ge=1)
 

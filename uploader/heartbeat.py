@@ -29,6 +29,10 @@ class Heartbeat(threading.Thread):
         self._stopped = threading.Event()
 
     def beat(self) -> None:
+        # Leases whose release failed while Redis was away go first: once this worker looks
+        # alive again, they would look held by it.
+        if released := self.store.release_pending():
+            log.warning("released %d part leases left over from a Redis outage", released)
         self.store.heartbeat(self.owner, self.ttl)
 
     def run(self) -> None:

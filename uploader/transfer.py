@@ -51,7 +51,7 @@ def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generati
     try:
         return _send_part(ctx, job, generation)
     except BaseException:
-        store.release_part(upload_id, part_number, owner)  # a retry or resume takes it over
+        store.release_part_or_later(upload_id, part_number, owner)  # a retry or resume takes it over
         raise
 
 

@@ -39,7 +39,19 @@ DOWNTIME = 2.0
 #: 2 s), the upload is declared stuck.
 STUCK_AFTER = scaled(20, 120)
 
-def test_redis_restart_with_aof(workdir: Path, seaweed, sources_root: Path, report: Report) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("downtime", "reconnect_attempts"),
+    [
+        pytest.param(DOWNTIME, None, id="restart"),
+        # Down for longer than the workers' Redis retries last (2 attempts: a fraction of a
+        # second) and than their heartbeat lives: tasks in hand fail, and what they leave behind
+        # (leases they could not release, unacknowledged messages) must not block the upload.
+        pytest.param(scaled(8.0, 20.0), "2", id="outage"),
+    ],
+)
+def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
+    workdir: Path, seaweed, sources_root: Path, report: Report, downtime: float, reconnect_attempts: str | None
+) -> None:
     redis_dir = workdir / f"redis-aof-{uuid.uuid4().hex[:8]}"
     redis_dir.mkdir()
     server = RedisServer(redis_dir, appendonly=True)
@@ -49,7 +61,12 @@ def test_redis_restart_with_aof(workdir: Path, seaweed, sources_root: Path, repo
         server.url,
         seaweed.endpoint_url,
         sources_root,
-        {"UPLOADER_WORKER_HEARTBEAT_SECONDS": "2", "UPLOADER_STALL_SECONDS": "3", "UPLOADER_RECONCILE_INTERVAL": "1"},
+        {
+            "UPLOADER_WORKER_HEARTBEAT_SECONDS": "2",
+            "UPLOADER_STALL_SECONDS": "3",
+            "UPLOADER_RECONCILE_INTERVAL": "1",
+            **({"UPLOADER_REDIS_RECONNECT_ATTEMPTS": reconnect_attempts} if reconnect_attempts else {}),
+        },
     )
     beat = None
     handle = None
@@ -69,7 +86,7 @@ def test_redis_restart_with_aof(workdir: Path, seaweed, sources_root: Path, repo
             before = wait_status(stack, upload_id, lambda s: s.parts_done >= threshold, 120, f"{threshold} parts")
             server.stop()  # SIGTERM: Redis fsyncs the AOF, then exits
             down_at = time.monotonic()
-            time.sleep(DOWNTIME)
+            time.sleep(downtime)
             server = RedisServer(redis_dir, port=port, appendonly=True)
             after = stack.uploader.status(upload_id)  # the client reconnects by itself
             restarts.append(

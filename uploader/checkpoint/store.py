@@ -16,6 +16,8 @@ so a stale task from an older attempt can never write into a newer one.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -27,8 +29,13 @@ from redis.retry import Retry
 
 from uploader.objectstore import UploadedPart
 
-#: Reconnection attempts per command (backoff up to 2 s each: about a minute in all).
+log = logging.getLogger(__name__)
+
+#: Reconnection attempts per command (backoff up to 2 s each: about a minute in all), unless
+#: ``UPLOADER_REDIS_RECONNECT_ATTEMPTS`` says otherwise.
 RECONNECT_ATTEMPTS = 30
+#: The errors a Redis outage raises (and that a retry may outlast).
+REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 STATES = ("creating", "uploading", "completing", "completed", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
@@ -162,9 +169,11 @@ class CheckpointStore:
         self.redis = client
         self.prefix = prefix
         self._run = _Scripts(client)
+        self._unreleased: set[tuple[str, int, str]] = set()
+        self._unreleased_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "uploader") -> CheckpointStore:
+    def from_url(cls, url: str, *, prefix: str = "uploader", reconnect_attempts: int = RECONNECT_ATTEMPTS) -> CheckpointStore:
         # Ride out a Redis restart (tens of seconds with a large AOF) instead of failing the task
         # in hand: a part already on the server must still be recorded and its lease released,
         # or the upload waits on a lease nobody will release. A retried script whose first run
@@ -174,8 +183,8 @@ class CheckpointStore:
             decode_responses=True,
             health_check_interval=30,
             socket_keepalive=True,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), RECONNECT_ATTEMPTS),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), reconnect_attempts),
+            retry_on_error=list(REDIS_OUTAGE_ERRORS),
         )
         return cls(client, prefix=prefix)
 
@@ -290,6 +299,30 @@ class CheckpointStore:
 
     def release_part(self, upload_id: str, part_number: int, owner: str) -> None:
         self._run("release_part", [self.inflight_key(upload_id)], [part_number, owner])
+
+    def release_part_or_later(self, upload_id: str, part_number: int, owner: str) -> None:
+        """Release the lease now, or, if Redis is away for longer than the reconnection
+        attempts, remember it for :meth:`release_pending` (the worker's heartbeat calls it).
+        A lease left behind would look held for as long as its worker lives: its part would
+        never be sent again."""
+        try:
+            self.release_part(upload_id, part_number, owner)
+        except REDIS_OUTAGE_ERRORS as exc:
+            log.warning("upload %s: part %d: lease release postponed, Redis is away (%s)", upload_id, part_number, exc)
+            with self._unreleased_lock:
+                self._unreleased.add((upload_id, part_number, owner))
+
+    def release_pending(self) -> int:
+        """Release the leases :meth:`release_part_or_later` could not; how many it released
+        (a release only deletes a lease its owner still holds, so a late one is harmless).
+        Raises the Redis error if Redis is still away."""
+        with self._unreleased_lock:
+            pending = sorted(self._unreleased)
+        for upload_id, part_number, owner in pending:
+            self.release_part(upload_id, part_number, owner)
+            with self._unreleased_lock:
+                self._unreleased.discard((upload_id, part_number, owner))
+        return len(pending)
 
     def next_generation(self, upload_id: str, generation: int) -> int:
         """Supersede ``generation``; 0 if it is no longer current or the upload is not uploading."""
