@@ -9,7 +9,7 @@ from typing import Any
 from bench import procstat
 from bench.rig import Rig
 from bench.stats import median, ratio, rnd
-from bench.tools import ALL_TOOLS, MiB, Tool, UploaderTool
+from bench.tools import ALL_TOOLS, OPTIONAL_TOOLS, MiB, Tool, UploaderTool
 
 GiB = 1 << 30
 BUCKET = "bench-large"
@@ -57,7 +57,8 @@ def run(rig: Rig, *, size: int, repeats: int, part_size: int, concurrency: int, 
     s3.create_bucket(Bucket=BUCKET)
     warm_up(rig, s3, BUCKET)
 
-    instances: list[Tool] = [cls(part_size, concurrency, timeout) for cls in ALL_TOOLS if not tools or cls.key in tools]
+    chosen = [cls for cls in ALL_TOOLS + OPTIONAL_TOOLS if cls.key in tools] if tools else list(ALL_TOOLS)
+    instances: list[Tool] = [cls(part_size, concurrency, timeout) for cls in chosen]
     info: dict[str, dict[str, Any]] = {}
     runnable: list[Tool] = []
     for tool in instances:
@@ -120,7 +121,7 @@ def run(rig: Rig, *, size: int, repeats: int, part_size: int, concurrency: int, 
                 pass
             time.sleep(settle)
 
-    project = next((t for t in runnable if isinstance(t, UploaderTool)), None)
+    project = next((t for t in runnable if type(t) is UploaderTool), None)
     for tool in runnable:
         if tool is not project or not keep_uploader:
             tool.close()
@@ -166,7 +167,7 @@ def summarize(samples: list[dict[str, Any]], info: dict[str, dict[str, Any]], si
                 server_cpu_s=rnd(median(s["server_cpu_s"] for s in good)),
                 server_cpu_s_per_gib=rnd(median(s["server_cpu_s"] for s in good) / gib, 2),
             )
-            if key == "uploader":
+            if key.startswith("uploader"):
                 row["worker_cpu_s"] = rnd(median(s.get("worker_cpu_s") for s in good))
                 row["client_cpu_s"] = rnd(median(s.get("client_cpu_s") for s in good))
                 row["bytes_sent_ratio"] = rnd(median((s.get("bytes_sent") or 0) / size for s in good), 4)

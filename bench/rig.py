@@ -136,8 +136,10 @@ class Rig:
     def settings_for(env: dict[str, str]) -> Settings:
         return Settings(**{k.removeprefix("UPLOADER_").lower(): v for k, v in env.items() if k.startswith("UPLOADER_")})
 
-    def start_worker(self, env: dict[str, str], *, name: str = "bench-worker", concurrency: int = 8) -> Worker:
-        worker = Worker(self.workdir, env, name=name, concurrency=concurrency)
+    def start_worker(
+        self, env: dict[str, str], *, name: str = "bench-worker", concurrency: int = 8, pool: str = "threads"
+    ) -> Worker:
+        worker = Worker(self.workdir, env, name=name, concurrency=concurrency, pool=pool)
         self._services.append(worker)
         return worker
 

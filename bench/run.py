@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where latest.* go")
     parser.add_argument("--part-size", default="8MiB")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--tools", default="", help="comma-separated subset of: uploader,boto3,boto3-crt,s5cmd,rclone")
+    parser.add_argument("--tools", default="", help="comma-separated subset of: uploader,boto3,boto3-crt,s5cmd,rclone; also uploader-prefork (not run by default)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of: {','.join(SCENARIOS)}")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new temp dir, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, data)")

@@ -274,6 +274,8 @@ class UploaderTool(Tool):
     key = "uploader"
     label = "uploader (this project)"
     rss_note = "worker VmHWM, reset before each run via /proc/<pid>/clear_refs"
+    #: Celery pool of the worker (threads: the default of ``uploader worker``).
+    pool = "threads"
 
     def __init__(self, part_size: int, concurrency: int, timeout: float) -> None:
         super().__init__(part_size, concurrency, timeout)
@@ -298,7 +300,7 @@ class UploaderTool(Tool):
         from uploader import Uploader
 
         env = rig.uploader_env(rig.new_database())
-        self.worker = rig.start_worker(env, name="bench-large", concurrency=self.concurrency)
+        self.worker = rig.start_worker(env, name=f"bench-{self.key}", concurrency=self.concurrency, pool=self.pool)
         self.uploader = Uploader(rig.settings_for(env))
         self.lifetime_peak_kib = procstat.status_kib(self.worker.pid, "VmHWM") or 0
 
@@ -306,9 +308,9 @@ class UploaderTool(Tool):
         pid = self.worker.pid
         if not self.worker.alive():
             raise ToolError("the worker died: " + self.worker.log_text()[-1500:])
-        self.lifetime_peak_kib = max(self.lifetime_peak_kib, procstat.status_kib(pid, "VmHWM") or 0)
-        self.rss_reset_works = procstat.reset_peak_rss(pid)
-        rss_before = procstat.status_kib(pid, "VmRSS")
+        self.lifetime_peak_kib = max(self.lifetime_peak_kib, self._tree_kib("VmHWM"))
+        self.rss_reset_works = all([procstat.reset_peak_rss(p) for p in [pid, *procstat.descendants(pid)]])
+        rss_before = self._tree_kib("VmRSS")
         worker0, client0 = procstat.tree_cpu_seconds(pid), procstat.self_cpu_seconds()
         epoch0, t0 = time.time(), time.perf_counter()
         handle = self.uploader.submit(str(path), f"s3://{bucket}/{key}", part_size=self.part_size)
@@ -316,8 +318,8 @@ class UploaderTool(Tool):
         waited = time.perf_counter() - t0
         worker_cpu = procstat.tree_cpu_seconds(pid) - worker0
         client_cpu = procstat.self_cpu_seconds() - client0
-        peak = procstat.status_kib(pid, "VmHWM")
-        self.lifetime_peak_kib = max(self.lifetime_peak_kib, peak or 0)
+        peak = self._tree_kib("VmHWM")
+        self.lifetime_peak_kib = max(self.lifetime_peak_kib, peak)
         # The worker stamps the completion time; waiting polls every 100 ms, so use the stamp.
         finished = getattr(status, "finished", None)
         wall = finished - epoch0 if finished and 0 < finished - epoch0 <= waited + 0.01 else waited
@@ -336,9 +338,28 @@ class UploaderTool(Tool):
             },
         )
 
+    def _tree_kib(self, field: str) -> int:
+        """``field`` summed over the worker and its pool processes (a prefork pool's children)."""
+        pid = self.worker.pid
+        return sum(procstat.status_kib(p, field) or 0 for p in [pid, *procstat.descendants(pid)])
+
     def close(self) -> None:
         if self.uploader is not None:
             self.uploader.close()
 
+
+class UploaderPreforkTool(UploaderTool):
+    """This project with Celery's prefork pool (``concurrency`` child processes) instead of
+    threads: measured to choose the default pool, not run unless asked for
+    (``--tools uploader,uploader-prefork``)."""
+
+    key = "uploader-prefork"
+    label = "uploader, prefork pool"
+    rss_note = "sum of the worker's and its pool processes' VmHWM, reset before each run"
+    pool = "prefork"
+
+
+#: Tools run only when ``--tools`` names them.
+OPTIONAL_TOOLS: tuple[type[Tool], ...] = (UploaderPreforkTool,)
 
 ALL_TOOLS: tuple[type[Tool], ...] = (UploaderTool, Boto3Tool, Boto3CrtTool, S5cmdTool, RcloneTool)

@@ -194,21 +194,23 @@ def cancel(upload_id: str) -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--concurrency", "-c", type=int, default=None, help="Parallel parts (default UPLOADER_WORKER_CONCURRENCY, 8).")
-@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default=None, help="Celery pool (default UPLOADER_WORKER_POOL, threads).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default celery@<host>).")
 @click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler (single-node setups only).")
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None, pool: str, loglevel: str, hostname: str | None, with_beat: bool) -> None:
+def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglevel: str, hostname: str | None, with_beat: bool) -> None:
     """Start a worker consuming both queues, with task events on (for Flower).
 
     Extra arguments are passed to `celery worker`."""
     from uploader.config import get_settings
     from uploader.localstack import worker_argv
 
+    pool = pool or get_settings().worker_pool
     argv = worker_argv(
         concurrency=concurrency or get_settings().worker_concurrency, hostname=hostname, loglevel=loglevel, pool=pool
     )
+    os.environ["UPLOADER_WORKER_POOL"] = pool  # the app's configured pool wins over celery's --pool
     os.execv(argv[0], argv + (["--beat"] if with_beat else []) + list(ctx.args))
 
 

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     redis_reconnect_attempts: int = Field(30, ge=0)
     #: Threads per worker process (also the S3 connection pool size).
     worker_concurrency: int = Field(8, ge=1)
+    #: Celery pool of the workers: ``threads`` (the default), ``prefork`` (a process per
+    #: slot) or ``solo``. (Set here, not with ``celery worker --pool``: Celery cannot tell an
+    #: explicit ``--pool prefork`` from its default once the app configures a pool.)
+    worker_pool: Literal["threads", "prefork", "solo"] = "threads"
 
     @field_validator("s3_endpoint_url", "result_backend", "checkpoint_url", mode="before")
     @classmethod

@@ -178,10 +178,13 @@ class MotoS3(_Process):
 class Worker(_Process):
     """A real ``celery worker`` process consuming both queues, with task events on."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], *, name: str = "worker", concurrency: int = 8):
+    def __init__(
+        self, workdir: Path, env: dict[str, str], *, name: str = "worker", concurrency: int = 8, pool: str = "threads"
+    ):
         self.name = f"{name}-{free_port()}@localhost"
-        argv = worker_argv(concurrency=concurrency, hostname=self.name, loglevel="INFO")
-        super().__init__(argv, workdir / f"{name}-{int(time.time() * 1000)}.log", env={**os.environ, **env})
+        argv = worker_argv(concurrency=concurrency, hostname=self.name, loglevel="INFO", pool=pool)
+        env = {**os.environ, **env, "UPLOADER_WORKER_POOL": pool}
+        super().__init__(argv, workdir / f"{name}-{int(time.time() * 1000)}.log", env=env)
         wait_until(self._ready, 60, f"celery worker {self.name}", interval=0.1)
 
     def _ready(self) -> bool:

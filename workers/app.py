@@ -35,7 +35,7 @@ app.conf.update(
     # Flower sees tasks only through events.
     worker_send_task_events=True,
     worker_concurrency=settings.worker_concurrency,
-    worker_pool="threads",
+    worker_pool=settings.worker_pool,
     worker_hijack_root_logger=False,
     # Run by one `uploader beat` per deployment (or `uploader worker --beat` on a single node).
     beat_schedule_filename=os.path.join(tempfile.gettempdir(), "uploader-beat-schedule"),
