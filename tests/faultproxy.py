@@ -16,6 +16,13 @@ Three faults still forward the request, so the upstream does handle it:
 * ``lost``: close the connection before sending any answer: the request took effect, but the
   client sees a connection error and sends it again.
 
+``body_rate`` (bytes per second, 0 = unlimited) reads the body of every targeted request that
+is forwarded no faster than that, through a small receive buffer, so the client's send of the body
+is slow (a slow or congested uplink). ``bodies`` records ``(method, path, bytes received,
+Content-Length, seconds spent receiving)`` for each such body; a client that gives up in the
+middle of sending leaves an entry with fewer bytes than announced (counted as ``body-cut``), and
+nothing is forwarded for it.
+
 ``fault`` is one kind, or a sequence of kinds: each injected fault then picks one of them at
 random (seeded). ``events`` records ``(monotonic time, method, path, what)`` for every targeted
 request, ``what`` being ``forwarded`` or the fault injected.
@@ -58,12 +65,15 @@ class FaultProxy:
         targets: Callable[[str, str], bool] = is_upload_part,
         seed: int = 1234,
         slow_seconds: float = 2.0,
+        body_rate: int = 0,
     ) -> None:
         self.upstream = urlsplit(upstream)
         self.fault = fault
         self.rate = rate
         self.targets = targets
         self.slow_seconds = slow_seconds
+        self.body_rate = body_rate
+        self.bodies: list[tuple[str, str, int, int, float]] = []
         self.counts: Counter[str] = Counter()
         self.events: list[tuple[float, str, str, str]] = []
         self._random = random.Random(seed)
@@ -103,7 +113,12 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(body)
                     return
-                body = self.rfile.read(length) if length else None
+                if targeted and proxy.body_rate and length:
+                    body = self._read_paced(length)
+                    if body is None:
+                        return
+                else:
+                    body = self.rfile.read(length) if length else None
                 if fault == "slow":
                     time.sleep(proxy.slow_seconds)
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
@@ -132,6 +147,31 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
+
+            def _read_paced(self, length: int) -> bytes | None:
+                """The body read at ``body_rate`` bytes/s, or ``None`` (and the connection
+                closed) if the client stopped sending before all of it arrived."""
+                # A small receive buffer, so the kernel does not take in megabytes on our behalf.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+                chunks, got, started = [], 0, time.monotonic()
+                while got < length:
+                    try:
+                        chunk = self.rfile.read1(min(16 * 1024, length - got))
+                    except OSError:  # reset by the client
+                        chunk = b""
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    got += len(chunk)
+                    ahead = started + got / proxy.body_rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                proxy._body(self.command, self.path, got, length, time.monotonic() - started)
+                if got < length:
+                    proxy._count("body-cut")
+                    self.close_connection = True
+                    return None
+                return b"".join(chunks)
 
             def _send_truncated(self, response: http.client.HTTPResponse, payload: bytes) -> None:
                 self.send_response(response.status, response.reason)
@@ -169,6 +209,10 @@ class FaultProxy:
     def _event(self, method: str, path: str, what: str) -> None:
         with self._lock:
             self.events.append((time.monotonic(), method, path, what))
+
+    def _body(self, method: str, path: str, got: int, length: int, seconds: float) -> None:
+        with self._lock:
+            self.bodies.append((method, path, got, length, seconds))
 
     def injected(self) -> int:
         """How many faults were injected, of every kind."""

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     #: Per-part integrity check the server verifies: CRC32 (cheap) or MD5 (Content-MD5,
     #: accepted by every S3 dialect, including OSS which rejects x-amz-checksum headers).
     part_checksum: Literal["crc32", "md5"] = "crc32"
+    #: Seconds to wait for a connection to S3. The socket keeps this timeout while a request's
+    #: body is sent (urllib3 switches to the read timeout only afterwards), where it bounds each
+    #: 16 KiB write: a send fails when the link accepts nothing for this long, however long the
+    #: whole part takes.
+    s3_connect_timeout: float = Field(10, gt=0)
 
     default_part_size: int = Field(DEFAULT_PART_SIZE, ge=1)
     #: Sources smaller than this take the single-PutObject path.

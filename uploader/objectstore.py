@@ -6,6 +6,7 @@ Callers see :class:`TransientStoreError` (worth retrying) or :class:`PermanentSt
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,74 @@ class ListedPart:
     part_number: int
     etag: str
     size: int
+
+
+class BodyView:
+    """A read-only, seekable file object over a buffer (bytes, bytearray, memoryview) that never
+    copies it: ``read`` returns memoryview slices of the buffer.
+
+    Request bodies go to botocore as one of these, never as a bare ``bytearray``:
+
+    * Sending: urllib3 sends a bytes-like body in one ``sock.sendall()``, and the socket's timeout
+      during the send is the *connect* timeout (``urllib3/connection.py`` ``request()`` does
+      ``self.sock.settimeout(self.timeout)``, which ``connectionpool._make_request`` set to
+      ``timeout_obj.connect_timeout``; the read timeout is applied only after the body is out).
+      Since Python 3.5 a socket's timeout bounds the *whole* ``sendall``, so a part that takes
+      longer than the connect timeout to send is cut off and sent again, forever on a slow link.
+      A file object is sent ``read(16384)`` at a time (``urllib3.util.request.body_to_chunks``), so
+      the timeout bounds each 16 KiB write instead: a send fails only when the link stalls.
+      botocore wraps ``bytes`` in a ``BytesIO`` itself (``handlers.convert_body_to_file_like_object``,
+      UploadPart and PutObject only), but not a ``bytearray``.
+    * Memory: with awscrt installed, botocore's CRT signer does ``BytesIO(request.body)`` for any
+      body without ``seek`` (``botocore/crt/auth.py``), which copies a ``bytearray``: a second
+      copy of every part in flight. It uses a seekable body as it is.
+
+    ``seek``/``tell`` let botocore rewind the body for a retry and measure it for
+    ``Content-Length``; ``len()`` is the bytes left from the current position (what botocore's
+    ``determine_content_length`` would compute with seek/tell)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view) - self._pos
+
+    def __repr__(self) -> str:  # botocore's debug log prints request params
+        return f"<BodyView {len(self._view)} bytes at {self._pos}>"
+
+    def read(self, size: int | None = -1) -> memoryview:
+        start = self._pos
+        end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
+        self._pos = max(start, end)
+        return self._view[start : self._pos]
+
+    def readinto(self, target: bytearray | memoryview) -> int:
+        chunk = self.read(len(memoryview(target)))
+        memoryview(target).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}
+        if whence not in bases:
+            raise ValueError(f"invalid whence {whence!r}")
+        base = bases[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 def store_error(exc: Exception, action: str) -> TransientStoreError | PermanentStoreError:
@@ -113,7 +182,7 @@ class ObjectStore:
                 s3={"addressing_style": settings.s3_addressing_style, "payload_signing_enabled": False},
                 max_pool_connections=max(10, settings.worker_concurrency * 2),
                 retries={"mode": "standard", "max_attempts": 3},
-                connect_timeout=10,
+                connect_timeout=settings.s3_connect_timeout,
                 read_timeout=120,
             ),
         )
@@ -124,7 +193,7 @@ class ObjectStore:
         except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as exc:
             raise store_error(exc, action) from None
 
-    def _checksum_args(self, data: bytes | bytearray) -> tuple[dict[str, str], str]:
+    def _checksum_args(self, data: bytes | bytearray | memoryview) -> tuple[dict[str, str], str]:
         if self.checksum == "crc32":
             value = crc32_b64(data)
             return {"ChecksumCRC32": value}, value
@@ -141,7 +210,9 @@ class ObjectStore:
             kwargs["ChecksumAlgorithm"] = "CRC32"
         return self._call(f"CreateMultipartUpload s3://{bucket}/{key}", "create_multipart_upload", **kwargs)["UploadId"]
 
-    def upload_part(self, bucket: str, key: str, mpu_id: str, part_number: int, data: bytes | bytearray) -> UploadedPart:
+    def upload_part(
+        self, bucket: str, key: str, mpu_id: str, part_number: int, data: bytes | bytearray | memoryview
+    ) -> UploadedPart:
         checksum_args, checksum = self._checksum_args(data)
         response = self._call(
             f"UploadPart {part_number} of s3://{bucket}/{key}",
@@ -150,7 +221,7 @@ class ObjectStore:
             Key=key,
             UploadId=mpu_id,
             PartNumber=part_number,
-            Body=data,
+            Body=BodyView(data),
             **checksum_args,
         )
         etag = response.get("ETag")
@@ -229,7 +300,7 @@ class ObjectStore:
             kwargs["KeyMarker"] = response.get("NextKeyMarker")
             kwargs["UploadIdMarker"] = response.get("NextUploadIdMarker")
 
-    def part_checksum(self, data: bytes | bytearray) -> str:
+    def part_checksum(self, data: bytes | bytearray | memoryview) -> str:
         """The checksum this store sends with a part (what Complete must repeat)."""
         return self._checksum_args(data)[1]
 
@@ -237,7 +308,7 @@ class ObjectStore:
         self, bucket: str, key: str, data: bytes, *, metadata: dict[str, str] | None, content_type: str | None
     ) -> dict[str, Any]:
         """Single PUT with Content-MD5, so the returned ETag is the MD5 the server verified."""
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data, "Metadata": metadata or {}}
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": BodyView(data), "Metadata": metadata or {}}
         kwargs["ContentMD5"] = md5_b64(data)
         if content_type:
             kwargs["ContentType"] = content_type

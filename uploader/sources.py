@@ -37,10 +37,12 @@ class Source(Protocol):
 
     def fingerprint(self) -> Fingerprint: ...
 
-    def read_range(self, offset: int, length: int, expected: Fingerprint, into: bytearray | None = None) -> bytes | bytearray:
-        """Exactly ``length`` bytes from ``offset`` (read into ``into`` when given, which must be
-        ``length`` bytes long), or :class:`SourceChanged` if the source no longer matches
-        ``expected``."""
+    def read_range(
+        self, offset: int, length: int, expected: Fingerprint, into: bytearray | memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
+        """Exactly ``length`` bytes from ``offset`` (read into ``into`` when given, a writable
+        buffer ``length`` bytes long, which is returned), or :class:`SourceChanged` if the source
+        no longer matches ``expected``."""
         ...
 
 
@@ -70,7 +72,9 @@ class LocalFileSource:
             raise SourceError(f"source {self.name!r} cannot be read: permission denied")
         return Fingerprint(size=st.st_size, mtime_ns=st.st_mtime_ns)
 
-    def read_range(self, offset: int, length: int, expected: Fingerprint, into: bytearray | None = None) -> bytes | bytearray:
+    def read_range(
+        self, offset: int, length: int, expected: Fingerprint, into: bytearray | memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -86,7 +90,7 @@ class LocalFileSource:
                 )
             # One read into one buffer: the part body is never copied again before it is sent.
             if into is None:
-                data: bytes | bytearray = os.pread(fd, length, offset)
+                data: bytes | bytearray | memoryview = os.pread(fd, length, offset)
                 got = len(data)
             else:
                 assert len(into) == length, "the buffer must have the part's length"

@@ -83,17 +83,17 @@ def _send_part(ctx: UploaderContext, job: PartJob, generation: int) -> PartOutco
 _buffers = threading.local()
 
 
-def part_buffer(length: int) -> bytearray:
-    """This thread's reusable buffer of ``length`` bytes. Reusing it keeps a worker's memory at
-    about part size x threads: fresh multi-MiB buffers per part make glibc's per-thread arenas
-    hold on to freed ones, and the process grows well past that."""
-    cached: dict[int, bytearray] = _buffers.__dict__.setdefault("by_length", {})
-    buffer = cached.get(length)
-    if buffer is None:
-        if len(cached) >= 2:  # at most a full-size and a last-part buffer per thread
-            cached.clear()
-        buffer = cached[length] = bytearray(length)
-    return buffer
+def part_buffer(length: int) -> memoryview:
+    """``length`` bytes of this thread's reusable part buffer, as a writable view. Reusing one
+    buffer keeps a worker's memory at about part size x threads: fresh multi-MiB buffers per part
+    make glibc's per-thread arenas hold on to freed ones, and the process grows well past that.
+    A shorter part (an upload's last one) is a slice of the same buffer, not a second buffer; a
+    longer one replaces it, so a thread holds one buffer as large as the largest part it sent."""
+    buffer: bytearray | None = getattr(_buffers, "buffer", None)
+    if buffer is None or len(buffer) < length:
+        _buffers.buffer = None  # free the old one before allocating its replacement
+        buffer = _buffers.buffer = bytearray(length)
+    return memoryview(buffer)[:length]
 
 
 def put_single(ctx: UploaderContext, upload_id: str, generation: int, token: str) -> str:
