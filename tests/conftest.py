@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -48,9 +50,15 @@ _databases = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def workdir() -> Iterator[Path]:
+def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The session's scratch directory (sources, server data, worker logs). Removed after a
+    session without failures (it holds GBs of test files); kept, for its logs, after one with."""
     path = scratch_dir("uploader-tests-")
     yield path
+    if request.session.testsfailed or os.environ.get("UPLOADER_KEEP_TEST_FILES"):
+        print(f"\ntest scratch directory kept: {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
