@@ -30,28 +30,14 @@ def main() -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr  # nothing a library prints may corrupt the answers
 
-    import boto3
-    from botocore.config import Config
-
     from bench.large import warm_up_multipart
     from uploader import Uploader
     from uploader.config import Settings
+    from uploader.objectstore import ObjectStore
 
     settings = Settings()
     uploader = Uploader(settings)
-    s3 = boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        region_name=settings.s3_region,
-        config=Config(
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 1},
-            connect_timeout=2,
-            read_timeout=60,
-        ),
-    )
+    s3 = ObjectStore(settings).client  # the workers' own client configuration
 
     def ready(req: dict[str, Any]) -> dict[str, Any]:
         deadline = time.monotonic() + req.get("timeout", 60)
