@@ -130,7 +130,8 @@ def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
         rows.append(("etag", f"{st.final_etag} (verified: {st.verified})"))
     if st.error:
         rows.append(("error", st.error))
-    if st.state == "failed" and st.retry_at is not None:
+    if st.retry_pending:
+        assert st.retry_at is not None
         when = time.strftime("%H:%M:%S", time.localtime(st.retry_at))
         rows.append(("next", f"resumed automatically at {when} (automatic resume {st.auto_resumes + 1})"))
     return rows

@@ -17,7 +17,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from uploader import contract
-from uploader.checkpoint import TERMINAL_STATES, CheckpointStore, UploadRecord
+from uploader.checkpoint import CheckpointStore, UploadRecord
+from uploader.checkpoint.store import UploadLifecycle
 from uploader.config import Settings, get_settings
 from uploader.errors import InvalidRequest, UploadCancelled, UploadFailed, UploaderError, UploadNotFound
 from uploader.request import parse_request
@@ -29,7 +30,7 @@ POLL_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
-class UploadStatus:
+class UploadStatus(UploadLifecycle):
     """What ``status`` reports. ``state`` is one of creating, uploading, completing, completed,
     failed, cancelled."""
 
@@ -61,12 +62,6 @@ class UploadStatus:
         if record.state == "completed":  # a single PUT records no parts
             values.update(parts_done=record.part_count, bytes_done=record.size)
         return cls(**values)
-
-    @property
-    def terminal(self) -> bool:
-        """Nothing more will happen by itself (a failure with an automatic resume to come is not
-        terminal)."""
-        return self.state in TERMINAL_STATES and not (self.state == "failed" and self.retry_at is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

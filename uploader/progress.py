@@ -38,7 +38,7 @@ def show_progress(statuses: Iterable[UploadStatus], console: Console | None = No
             last = status
             progress.update(
                 task,
-                description=f"{status.state} (will resume)" if status.retry_at and status.state == "failed" else status.state,
+                description=f"{status.state} (will resume)" if status.retry_pending else status.state,
                 total=max(status.size, 1),
                 completed=status.bytes_done if status.size else (1 if status.state == "completed" else 0),
                 parts=f"{status.parts_done}/{status.part_count}",

@@ -41,8 +41,26 @@ STATES = ("creating", "uploading", "completing", "completed", "failed", "cancell
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 
 
+class UploadLifecycle:
+    """Where an upload stands, for anything carrying its ``state`` and ``retry_at`` (the
+    checkpoint's record and the client's status): one rule for both."""
+
+    state: str
+    retry_at: float | None
+
+    @property
+    def retry_pending(self) -> bool:
+        """Failed for a transient reason; the reconciler resumes it at ``retry_at``."""
+        return self.state == "failed" and self.retry_at is not None
+
+    @property
+    def terminal(self) -> bool:
+        """Finished for good: completed, cancelled, or failed with no automatic resume to come."""
+        return self.state in TERMINAL_STATES and not self.retry_pending
+
+
 @dataclass(frozen=True)
-class UploadRecord:
+class UploadRecord(UploadLifecycle):
     """One upload as the checkpoint holds it."""
 
     upload_id: str
@@ -116,15 +134,6 @@ class UploadRecord:
             auto_resumes=num("auto_resumes"),
         )
 
-    @property
-    def terminal(self) -> bool:
-        """Finished for good: completed, cancelled, or failed with no automatic resume to come."""
-        return self.state in TERMINAL_STATES and not self.retry_pending
-
-    @property
-    def retry_pending(self) -> bool:
-        """Failed for a transient reason; the reconciler resumes it at ``retry_at``."""
-        return self.state == "failed" and self.retry_at is not None
 
 
 @dataclass(frozen=True)
