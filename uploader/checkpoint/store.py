@@ -161,10 +161,11 @@ class _Scripts:
 
     def __init__(self, client: redis.Redis) -> None:
         lua = resources.files("uploader.checkpoint") / "lua"
+        shared = (lua / "_shared.lua").read_text()
         self._scripts = {
-            entry.name.removesuffix(".lua"): client.register_script(entry.read_text())
+            entry.name.removesuffix(".lua"): client.register_script(shared + entry.read_text())
             for entry in lua.iterdir()
-            if entry.name.endswith(".lua")
+            if entry.name.endswith(".lua") and not entry.name.startswith("_")
         }
 
     def __call__(self, name: str, keys: list[str], args: list[Any]) -> Any:

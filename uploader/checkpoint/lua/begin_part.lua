@@ -16,10 +16,8 @@ end
 if tonumber(ARGV[2]) < tonumber(redis.call("HGET", KEYS[1], "generation") or "0") then
   return {"stale"}
 end
--- The same test as record_part.lua: only canonical integers 1..part_count are parts of the plan.
-local number = tonumber(ARGV[1])
-local part_count = tonumber(redis.call("HGET", KEYS[1], "part_count"))
-if not number or number % 1 ~= 0 or number < 1 or number > part_count or tostring(number) ~= ARGV[1] then
+local number = planned_part(ARGV[1], KEYS[1])
+if not number then
   return {"unplanned"}
 end
 if redis.call("HEXISTS", KEYS[2], ARGV[1]) == 1 then

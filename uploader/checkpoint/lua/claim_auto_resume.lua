@@ -21,6 +21,5 @@ if tonumber(redis.call("HGET", KEYS[1], "auto_resumes") or "0") >= tonumber(ARGV
   return 0
 end
 local made = redis.call("HINCRBY", KEYS[1], "auto_resumes", 1)
-redis.call("HSET", KEYS[1], "retry_at", now + math.min(tonumber(ARGV[3]) * 2 ^ made, tonumber(ARGV[4])),
-  "updated", ARGV[1])
+redis.call("HSET", KEYS[1], "retry_at", next_resume_at(now, made, ARGV[3], ARGV[4]), "updated", ARGV[1])
 return made

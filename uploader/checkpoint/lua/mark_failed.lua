@@ -17,7 +17,7 @@ local now = tonumber(ARGV[2])
 local made = tonumber(redis.call("HGET", KEYS[1], "auto_resumes") or "0")
 local retry_at = 0
 if made < tonumber(ARGV[4] or "0") then
-  retry_at = now + math.min(tonumber(ARGV[5]) * 2 ^ made, tonumber(ARGV[6]))
+  retry_at = next_resume_at(now, made, ARGV[5], ARGV[6])
 end
 redis.call("HSET", KEYS[1], "state", "failed", "error", ARGV[1], "updated", ARGV[2], "finished", ARGV[2],
   "retry_at", retry_at)

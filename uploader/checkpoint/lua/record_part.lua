@@ -20,12 +20,9 @@ end
 if not current then
   return "fenced"
 end
--- begin_completion compares the *count* of recorded parts with part_count, so a number outside
--- the plan must never be counted. Only the canonical integer form is accepted, so that "01" or
--- "1.0" never becomes a second hash field for part 1.
-local number = tonumber(ARGV[2])
-local part_count = tonumber(redis.call("HGET", KEYS[1], "part_count"))
-if not number or number % 1 ~= 0 or number < 1 or number > part_count or tostring(number) ~= ARGV[2] then
+-- begin_completion compares the *count* of recorded parts with part_count (see planned_part).
+local number, part_count = planned_part(ARGV[2], KEYS[1])
+if not number then
   return "unplanned"
 end
 if redis.call("HSETNX", KEYS[2], ARGV[2], ARGV[3]) == 0 then

@@ -1,0 +1,21 @@
+-- Shared by the transition scripts: prepended to each one when it is loaded (a script sent with
+-- EVAL cannot load another). Files whose name starts with "_" are not transitions themselves.
+
+-- ARGV-form part number ``arg`` as a number if it is a part of the plan in record ``record_key``,
+-- else nil; also the plan's part count. Only canonical integers 1..part_count count: "01" or
+-- "1.0" would become a second parts-hash field for part 1, and a number outside the plan has no
+-- byte range and must never count towards completion.
+local function planned_part(arg, record_key)
+  local number = tonumber(arg)
+  local part_count = tonumber(redis.call("HGET", record_key, "part_count"))
+  if not number or number % 1 ~= 0 or number < 1 or number > part_count or tostring(number) ~= arg then
+    return nil, part_count
+  end
+  return number, part_count
+end
+
+-- When the next automatic resume of a transiently failed upload is due: ``first_wait`` doubled
+-- for each of the ``made`` resumes already made, at most ``longest_wait`` after ``now``.
+local function next_resume_at(now, made, first_wait, longest_wait)
+  return now + math.min(tonumber(first_wait) * 2 ^ made, tonumber(longest_wait))
+end
