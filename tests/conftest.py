@@ -14,22 +14,24 @@ import itertools
 import os
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 import pytest
+import redis
 from botocore.config import Config
 from celery import Celery
 
 import hypothesis.internal.observability  # noqa: F401  (imported before worker threads exist: CPython 3.11.7 ast bug)
 
-from uploader import Uploader
+from uploader import Uploader, UploadNotFound
 from uploader.checkpoint import CheckpointStore
-from uploader.client import UploadHandle
+from uploader.client import UploadHandle, UploadStatus
 from uploader.config import Settings
 from uploader.localstack import (
     Beat,
@@ -39,7 +41,6 @@ from uploader.localstack import (
     Worker,
     object_sha256,
     scratch_dir,
-    wait_until,
     write_random_file,
 )
 from uploader.planner import MiB
@@ -131,8 +132,25 @@ class Stack:
         self.workers.append(worker)
         return worker
 
-    def wait_parts_done(self, upload_id: str, at_least: int, timeout: float = 120) -> None:
-        wait_until(lambda: self.uploader.status(upload_id).parts_done >= at_least, timeout, f"{at_least} parts recorded")
+    def wait_status(
+        self, upload_id: str, predicate: Callable[[UploadStatus], bool], timeout: float, what: str
+    ) -> UploadStatus:
+        """Poll the checkpoint until ``predicate(status)``; an upload not accepted yet, or Redis
+        being away meanwhile, counts as not yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = self.uploader.status(upload_id)
+                if predicate(status):
+                    return status
+            except (UploadNotFound, redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.05)
+
+    def wait_parts_done(self, upload_id: str, at_least: int, timeout: float = 120) -> UploadStatus:
+        return self.wait_status(upload_id, lambda s: s.parts_done >= at_least, timeout, f"{at_least} parts recorded")
 
     def upload_then_crash(
         self, path: Path, destination: str, *, parts_before: int, concurrency: int = 2, bandwidth: int = 10 * MiB,

@@ -78,9 +78,7 @@ def _outage_stack(make_stack, proxy: FaultProxy, auto_resumes: int) -> Stack:  #
 
 
 def _wait_failed(stack: Stack, upload_id: str) -> UploadStatus:
-    wait_until(lambda: stack.uploader.checkpoint.get(upload_id) is not None, 60, "the upload to be accepted")
-    wait_until(lambda: stack.uploader.status(upload_id).state == "failed", 120, "the upload to fail")
-    return stack.uploader.status(upload_id)
+    return stack.wait_status(upload_id, lambda s: s.state == "failed", 120, "the upload to fail")
 
 
 def test_an_s3_outage_longer_than_the_part_retries_is_resumed_automatically(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
@@ -163,7 +161,7 @@ def test_multipart_upload_aborted_behind_our_back_fails_then_resume_starts_clean
     path = stack.make_file(8 * PART)
     handle = stack.uploader.submit(str(path), f"s3://{bucket}/aborted.bin", part_size=PART)
     handle.accepted(timeout=60)
-    wait_until(lambda: stack.uploader.status(handle.upload_id).parts_done >= 1, 60, "a part recorded")
+    stack.wait_parts_done(handle.upload_id, 1, timeout=60)
     mpu_id = stack.uploader.checkpoint.get(handle.upload_id).mpu_id  # type: ignore[union-attr]
     stack.s3.abort_multipart_upload(Bucket=bucket, Key="aborted.bin", UploadId=mpu_id)
     with pytest.raises(UploadFailed, match="NoSuchUpload"):

@@ -54,21 +54,6 @@ def scaled(ci: T, full: T) -> T:
 TIMEOUT = scaled(280, 3600)
 
 
-def wait_status(stack: Stack, upload_id: str, predicate, timeout: float, what: str) -> UploadStatus:  # type: ignore[no-untyped-def]
-    """Poll the checkpoint until ``predicate(status)``; survives Redis being away meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            status = stack.uploader.status(upload_id)
-            if predicate(status):
-                return status
-        except (redis.RedisError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
 class Stuck(TimeoutError):
     """The upload made no progress (same state, same parts recorded) for too long."""
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.chaos.conftest import GiB, PART, TIMEOUT, Report, multipart_upload_exists, scaled, wait_status
+from tests.chaos.conftest import GiB, PART, TIMEOUT, Report, multipart_upload_exists, scaled
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
 from uploader import contract
@@ -47,7 +47,7 @@ def test_cancel_during_a_busy_upload(make_stack, counter: FaultProxy, report: Re
     handle = stack.uploader.submit(str(path), f"s3://{bucket}/{key}", part_size=PART)
     handle.accepted(timeout=60)
     part_count = stack.uploader.status(handle.upload_id).part_count
-    at_cancel = wait_status(stack, handle.upload_id, lambda s: s.parts_done >= part_count // 4, 120, "a quarter of the parts")
+    at_cancel = stack.wait_status(handle.upload_id, lambda s: s.parts_done >= part_count // 4, 120, "a quarter of the parts")
     mpu_id = stack.uploader.checkpoint.get(handle.upload_id).mpu_id  # type: ignore[union-attr]
 
     asked = time.monotonic()

@@ -25,7 +25,6 @@ from tests.chaos.conftest import (
     Stuck,
     open_uploads_for,
     scaled,
-    wait_status,
     wait_terminal,
 )
 from tests.conftest import Stack
@@ -136,7 +135,7 @@ def test_resume_and_cancel_race(make_stack, report: Report) -> None:  # type: ig
             # Every other round races the completion (right when the last part is recorded);
             # the others race at a random point of the upload.
             at = part_count if n % 2 else rng.randint(1, part_count - 1)
-            wait_status(stack, handle.upload_id, lambda s: s.parts_done >= at or s.terminal, 120, f"{at} parts")
+            stack.wait_status(handle.upload_id, lambda s: s.parts_done >= at or s.terminal, 120, f"{at} parts")
             outcomes: dict[str, str] = {}
             barrier = threading.Barrier(2)
 

@@ -20,7 +20,6 @@ from tests.chaos.conftest import (
     Stuck,
     inflight_leases,
     scaled,
-    wait_status,
     wait_terminal,
     worker_log_lines,
 )
@@ -73,7 +72,7 @@ def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-u
         path = stack.make_file(SIZE)
         handle = stack.uploader.submit(str(path), f"s3://{bucket}/storm.bin", part_size=PART)
         handle.accepted(timeout=60)
-        wait_status(stack, handle.upload_id, lambda s: s.parts_done >= 1, 60, "a first part")
+        stack.wait_status(handle.upload_id, lambda s: s.parts_done >= 1, 60, "a first part")
 
         killed: list[tuple[str, int, int]] = []  # (worker, its concurrency, parts done at the kill)
         replacements = []

@@ -20,7 +20,6 @@ from tests.chaos.conftest import (
     Stuck,
     inflight_leases,
     scaled,
-    wait_status,
     wait_terminal,
     worker_log_lines,
 )
@@ -83,7 +82,7 @@ def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
         down_at = time.monotonic()
         for n in range(RESTARTS):
             threshold = max((n + 1) * part_count // (RESTARTS + 2), 2)
-            before = wait_status(stack, upload_id, lambda s: s.parts_done >= threshold, 120, f"{threshold} parts")
+            before = stack.wait_status(upload_id, lambda s: s.parts_done >= threshold, 120, f"{threshold} parts")
             server.stop()  # SIGTERM: Redis fsyncs the AOF, then exits
             down_at = time.monotonic()
             time.sleep(downtime)
