@@ -17,6 +17,7 @@ from uploader.context import default_context
 from uploader.coordinator import Coordinator, Dispatch
 from uploader.errors import TransientStoreError
 from uploader.request import parse_request
+from workers import fanout
 from workers.app import app
 
 log = get_task_logger(__name__)
@@ -25,8 +26,6 @@ log = get_task_logger(__name__)
 def dispatch(plan: Dispatch) -> None:
     """Send what the coordinator decided. Part messages carry the upload id and part number only;
     the plan itself is in the checkpoint."""
-    from workers import fanout
-
     upload_id, generation = plan.upload_id, plan.generation
     if plan.kind == "parts":
         # chord(upload_part x parts, complete_upload), sent in batches on Redis: see workers/fanout.py.
