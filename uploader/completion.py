@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from uploader.checkpoint import UploadRecord
 from uploader.checksums import multipart_etag
 from uploader.context import UploaderContext
 from uploader.errors import PermanentStoreError, UploaderError
@@ -127,13 +128,12 @@ def mark_failed(
     return True
 
 
-def completed_on_server(ctx: UploaderContext, upload_id: str) -> bool:
+def completed_on_server(ctx: UploaderContext, record: UploadRecord) -> bool:
     """Whether the object at the upload's key is the one its recorded parts make (its ETag is
     their multipart ETag): CompleteMultipartUpload took effect, whatever the checkpoint says."""
-    record = ctx.checkpoint.get(upload_id)
-    if record is None or record.mode != "multipart":
+    if record.mode != "multipart":
         return False
-    parts = ctx.checkpoint.parts(upload_id)
+    parts = ctx.checkpoint.parts(record.upload_id)
     if any(n not in parts for n in range(1, record.part_count + 1)):
         return False
     expected = multipart_etag(parts[n].etag for n in range(1, record.part_count + 1))

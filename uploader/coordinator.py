@@ -242,7 +242,7 @@ class Coordinator:
             except PermanentStoreError as exc:
                 if error_code(exc) != "NoSuchUpload":
                     raise
-                if completed_on_server(self.ctx, upload_id):
+                if completed_on_server(self.ctx, record):
                     # A completer died after CompleteMultipartUpload took effect: only the
                     # bookkeeping is left, which the completion does (it accepts NoSuchUpload
                     # when the stored object is the one the recorded parts make).
