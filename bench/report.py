@@ -239,8 +239,12 @@ def markdown(results: dict[str, Any]) -> str:
             lat, b = small["latency"], small["batch"]
             add("| measure | uploader (submit -> completed) | put_object, reused client |")
             add("| --- | --- | --- |")
-            add(f"| latency, one at a time, median of {lat['count']} | {lat['uploader_median_ms']} ms (p90 {lat['uploader_p90_ms']}) "
-                f"| {lat['put_object_median_ms']} ms (p90 {lat['put_object_p90_ms']}) |")
+            add(f"| latency, one at a time (the two interleaved), median of {lat['count']} | {lat['uploader_median_ms']} ms "
+                f"(p90 {lat['uploader_p90_ms']}) | {lat['put_object_median_ms']} ms (p90 {lat['put_object_p90_ms']}) |")
+            add(f"| latency ratio (medians) | {lat['ratio']}x | 1x |")
+            if lat.get("put_object_back_to_back_median_ms") is not None:
+                add(f"| put_object back to back instead (nothing in between), median | {lat['ratio_vs_back_to_back']}x "
+                    f"| {lat['put_object_back_to_back_median_ms']} ms |")
             add(f"| {b['count']} submitted at once | {b['uploader_per_s']} uploads/s ({b['uploader_s']} s; submitting "
                 f"{b['submit_per_s']:.0f}/s) | {b['put_object_per_s']} objects/s with {b['put_object_threads']} threads |")
             add(f"| CPU per upload | worker {b['uploader_worker_cpu_ms_per_object']} ms, client {b['uploader_client_cpu_ms_per_submit']} ms per submit() | |")

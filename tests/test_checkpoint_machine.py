@@ -42,6 +42,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
+import pytest
 import redis
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -54,7 +55,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from uploader.checkpoint.store import STATES, CheckpointStore, PartJob
+from uploader.checkpoint.store import STATES, CheckpointStore, PartJob, UploadRecord
 from uploader.objectstore import UploadedPart
 
 IDS = ("u1", "u2")
@@ -232,11 +233,15 @@ class CheckpointMachine(RuleBasedStateMachine):
             if stage == "completing":
                 self._begin_completion(uid, "c1", lease)
 
-    @rule(uid=ids, mode=modes, part_count=st.integers(1, MAX_PARTS))
-    def claim(self, uid: str, mode: str, part_count: int) -> None:
+    @rule(uid=ids, mode=modes, part_count=st.integers(1, MAX_PARTS), token=st.sampled_from(["", *TOKENS]), lease=leases)
+    def claim(self, uid: str, mode: str, part_count: int, token: str = "", lease: int = LIVE_LEASE) -> None:
+        """Without a token, ``claim``; a single-PUT upload with one is created ``completing``
+        under that completion lease (``claim_single``, what a coordinator does)."""
         m = self.models[uid]
         if mode == "single":
             part_count = 1
+        else:
+            token = ""
         fields = {
             "source": "/data/src.bin",
             "bucket": "bucket",
@@ -249,13 +254,28 @@ class CheckpointMachine(RuleBasedStateMachine):
             "metadata": {},
             "abort_on_failure": False,
         }
-        result = self.store.claim(uid, fields)
-        if m.state is None:
-            assert result == (True, "creating")
-            self.models[uid] = Model(state="creating", mode=mode, part_count=part_count, generation=1)
-            self.last_generation[uid] = 0
-        else:
-            assert result == (False, m.state)
+        if not token:
+            result = self.store.claim(uid, fields)
+            if m.state is None:
+                assert result == (True, "creating")
+                self.models[uid] = Model(state="creating", mode=mode, part_count=part_count, generation=1)
+                self.last_generation[uid] = 0
+            else:
+                assert result == (False, m.state)
+            return
+        created, record = self.store.claim_single(uid, fields, token, lease)
+        if m.state is not None:
+            assert (created, record) == (False, m.state)
+            return
+        assert created and isinstance(record, UploadRecord), (created, record)
+        assert (record.state, record.mode, record.mpu_id, record.generation, record.source) == (
+            "completing", "single", "", 1, "/data/src.bin",
+        ), record
+        m = self.models[uid] = Model(state="creating", mode=mode, part_count=part_count, generation=1)
+        self.last_generation[uid] = 0
+        m.state, m.mpu = "uploading", ""  # as attach_multipart(""), then begin_completion:
+        self._go(m, uid, token, lease)
+        assert record.complete_calls == m.complete_calls and record.bytes_sent == m.bytes_sent, record
 
     @rule(uid=ids)
     def attach_multipart(self, uid: str) -> None:
@@ -835,3 +855,29 @@ def test_part_numbers_must_be_canonical_integers(store: CheckpointStore) -> None
         assert store._run("begin_part", keys, [number, 1, "w1|t1", worker_prefix]) == ["unplanned"]
         assert store._run("record_part", keys, ["mpu-1", number, '{"size":10}', 10, 0]) == "unplanned"
     assert store.redis.hgetall(store.parts_key("u1")) == {} and _leases(store, "u1") == {}
+
+
+# -- claim_single ----------------------------------------------------------------------------------
+
+
+def test_claim_single_refuses_a_multipart_upload_and_leaves_nothing(store: CheckpointStore) -> None:
+    fields = {
+        "source": "/data/src.bin", "bucket": "bucket", "key": "key", "size": 3 * PART_SIZE,
+        "mtime_ns": MTIME_NS, "part_size": PART_SIZE, "part_count": 3, "mode": "multipart",
+    }  # fmt: skip
+    with pytest.raises(redis.ResponseError, match="only a single-PUT upload"):
+        store.claim_single("u1", fields, "c1", LIVE_LEASE)
+    assert store.get("u1") is None
+    assert store.redis.zscore(store.index_key, "u1") is None
+
+
+def test_a_duplicate_start_finds_a_single_put_completing_under_its_lease(store: CheckpointStore) -> None:
+    fields = {
+        "source": "/data/src.bin", "bucket": "bucket", "key": "key", "size": 5,
+        "mtime_ns": MTIME_NS, "part_size": 5, "part_count": 1, "mode": "single",
+    }  # fmt: skip
+    created, record = store.claim_single("u1", fields, "c1", LIVE_LEASE)
+    assert created and isinstance(record, UploadRecord) and record.state == "completing"
+    assert store.claim_single("u1", fields, "c2", LIVE_LEASE) == (False, "completing")
+    assert store.begin_completion("u1", "c2", LIVE_LEASE) == "busy"  # the first holds the PUT
+    assert store.begin_completion("u1", "c1", LIVE_LEASE) == "go"  # its own retry takes it again

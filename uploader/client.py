@@ -67,12 +67,32 @@ class UploadStatus(UploadLifecycle):
         return asdict(self)
 
 
+class _ClientCelery(Celery):
+    """The client's Celery app, which subscribes to a task's result only when someone waits for it.
+
+    Celery's Redis result backend subscribes to a task's result channel as the task is sent
+    (``on_task_call``): a round trip in every ``submit``, and a subscription held for as long as
+    the handle lives, whether or not anyone ever asks for the result. ``AsyncResult.get``
+    subscribes by itself and then reads the stored result, so a result that came first is not
+    missed: subscribing there is enough."""
+
+    def _get_backend(self) -> Any:
+        backend = super()._get_backend()
+        if hasattr(backend, "result_consumer"):  # the asynchronous (pub/sub) backends
+            backend.on_task_call = _subscribe_when_waited_for
+        return backend
+
+
+def _subscribe_when_waited_for(producer: Any, task_id: str) -> None:
+    """In place of the backend's ``on_task_call``: nothing to do when a task is sent."""
+
+
 class Uploader:
     """Entry point: ``Uploader.from_env().submit("/data/big.bin", "s3://bucket/key")``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.celery = Celery("uploader-client", set_as_current=False)
+        self.celery = _ClientCelery("uploader-client", set_as_current=False)
         self.celery.conf.update(contract.celery_config(settings))
         self.checkpoint = CheckpointStore.from_url(
             settings.effective_checkpoint_url, prefix=settings.key_prefix, reconnect_attempts=settings.redis_reconnect_attempts

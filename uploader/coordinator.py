@@ -48,6 +48,10 @@ class Dispatch:
     #: Messages of older generations are skipped: whatever they carried was dispatched again.
     generation: int = 0
     reason: str = ""
+    #: A single PUT whose completion lease the coordinator took already (with the record it
+    #: created, "completing"): the PUT is sent under this token without reading the record again.
+    lease: str = ""
+    record: UploadRecord | None = field(default=None, compare=False, repr=False)
 
 
 Dispatcher = Callable[[Dispatch], None]
@@ -75,19 +79,30 @@ class Coordinator:
         fingerprint = source.fingerprint()
         plan, mode = self._plan(fingerprint.size, request.part_size)
         self._check_bucket(request.bucket)
-        created, state = self.store.claim(
-            upload_id,
-            {
-                "source": request.source,
-                "bucket": request.bucket,
-                "key": request.key,
-                "metadata": request.metadata or {},
-                "content_type": request.content_type,
-                "abort_on_failure": request.abort_on_failure,
-                "requested_part_size": request.part_size or 0,
-                **self._plan_fields(plan, mode, fingerprint),
-            },
-        )
+        fields = {
+            "source": request.source,
+            "bucket": request.bucket,
+            "key": request.key,
+            "metadata": request.metadata or {},
+            "content_type": request.content_type,
+            "abort_on_failure": request.abort_on_failure,
+            "requested_part_size": request.part_size or 0,
+            **self._plan_fields(plan, mode, fingerprint),
+        }
+        if mode == "single":
+            # Nothing to create on the server, so no dispatch lock: the record is born
+            # "completing" under this coordinator's completion lease, which fences the PUT (a
+            # duplicate request finds the record and does nothing). A fresh claim is generation 1.
+            token = str(uuid.uuid4())
+            created, claimed = self.store.claim_single(upload_id, fields, token, self.settings.completion_lease_seconds)
+            if created:
+                assert isinstance(claimed, UploadRecord)
+                single = Dispatch(upload_id, "single", generation=1, lease=token, record=claimed)
+                dispatch(single)
+                log.info("upload %s: dispatched single", upload_id)
+                return single
+        else:
+            created, _ = self.store.claim(upload_id, fields)
         if not created:
             existing = self._get(upload_id)
             if (existing.source, existing.bucket, existing.key) != (request.source, request.bucket, request.key):
@@ -105,11 +120,6 @@ class Coordinator:
             # Still "creating": our own retry after a transient error (CreateMultipartUpload
             # during an S3 outage), or a duplicate racing the first creator. Whoever holds the
             # dispatch lock creates; the others find the state moved on.
-        elif mode == "single":
-            # Nothing to create on the server, so no dispatch lock (two round trips of a small
-            # upload's few): attach_multipart admits one coordinator, and the PUT itself is
-            # fenced by the completion lease. A fresh claim is generation 1.
-            return self._attach_single(upload_id, 1, dispatch)
         with self._dispatch_lock(upload_id) as locked:
             if not locked:
                 return Dispatch(upload_id, "nothing", reason="another coordinator is creating it")

@@ -120,6 +120,22 @@ class BodyView:
         pass
 
 
+#: Request bodies smaller than this go without ``Expect: 100-continue`` (the AWS SDK for Go v2,
+#: s5cmd's, draws the line at 2 MB too). botocore asks for it on every file-like body: a round
+#: trip to the server before the body, and botocore then reads the interim response a byte per
+#: ``recv``. For a large part that wait spares sending megabytes the server would refuse
+#: (a wrong signature, a redirect); for a small object it only adds latency.
+EXPECT_CONTINUE_MIN_BYTES = 2 << 20
+
+
+def _expect_continue_for_large_bodies_only(params: dict[str, Any], **_: Any) -> None:
+    """botocore ``before-call`` handler, run after its own ``add_expect_header``."""
+    headers = params.get("headers") or {}
+    body = params.get("body")
+    if headers.get("Expect") == "100-continue" and isinstance(body, BodyView) and len(body) < EXPECT_CONTINUE_MIN_BYTES:
+        del headers["Expect"]
+
+
 def store_error(exc: Exception, action: str) -> TransientStoreError | PermanentStoreError:
     """Classify a boto3/botocore exception raised while doing ``action``."""
     if isinstance(exc, ClientError):
@@ -186,6 +202,7 @@ class ObjectStore:
                 read_timeout=120,
             ),
         )
+        self.client.meta.events.register_last("before-call.s3", _expect_continue_for_large_bodies_only)
 
     def _call(self, action: str, method: str, **kwargs: Any) -> Any:
         try:

@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from uploader.checkpoint.store import PartJob
+from uploader.checkpoint.store import PartJob, UploadRecord
 from uploader.checksums import md5_b64_to_etag
 from uploader.context import UploaderContext
 from uploader.errors import PermanentStoreError, SourceChanged, SourceError, UploaderError
@@ -96,17 +96,25 @@ def part_buffer(length: int) -> memoryview:
     return memoryview(buffer)[:length]
 
 
-def put_single(ctx: UploaderContext, upload_id: str, generation: int, token: str) -> str:
+def put_single(
+    ctx: UploaderContext, upload_id: str, generation: int, token: str, claimed: UploadRecord | None = None
+) -> str:
     """Upload a small source with one PutObject (Content-MD5 verified by the server), check the
     stored ETag, and mark the upload completed. Returns the completion outcome
-    (``completed``, ``done``, ``busy``, ``inactive:<state>``)."""
+    (``completed``, ``done``, ``busy``, ``inactive:<state>``).
+
+    ``claimed``: the record, when the caller created it already ``completing`` under ``token``
+    (:meth:`~uploader.checkpoint.CheckpointStore.claim_single`); otherwise the completion lease is
+    taken here first."""
     store = ctx.checkpoint
-    record = store.get(upload_id)
-    if record is None or generation < record.generation:
-        return "stale" if record else "inactive:missing"
-    verdict = store.begin_completion(upload_id, token, ctx.settings.completion_lease_seconds)
-    if verdict != "go":
-        return verdict
+    record = claimed
+    if record is None:
+        record = store.get(upload_id)
+        if record is None or generation < record.generation:
+            return "stale" if record else "inactive:missing"
+        verdict = store.begin_completion(upload_id, token, ctx.settings.completion_lease_seconds)
+        if verdict != "go":
+            return verdict
     try:
         source = open_source(record.source, ctx.settings.source_roots)
         data = source.read_range(0, record.size, Fingerprint(size=record.size, mtime_ns=record.mtime_ns))

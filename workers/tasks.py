@@ -38,22 +38,22 @@ def dispatch(plan: Dispatch) -> None:
             body,
         )
     elif plan.kind == "single":
-        _put_here_or_enqueue(upload_id, generation)
+        _put_here_or_enqueue(plan)
     elif plan.kind == "complete":
         complete_upload.si(upload_id=upload_id, generation=generation).apply_async()
 
 
-def _put_here_or_enqueue(upload_id: str, generation: int) -> None:
+def _put_here_or_enqueue(plan: Dispatch) -> None:
     """A small source is sent by the task that decided it (the coordinator), not by another task:
     a second message, with its events and result, cost more than the PUT of a small object, and
     the queue hop was most of a small upload's latency. On a transient error the PUT continues
     as a ``put_object`` task (with its own retries), under the same completion lease token."""
-    token = uuid()
+    token = plan.lease or uuid()
     try:
-        transfer.put_single(default_context(), upload_id, generation, token=token)
+        transfer.put_single(default_context(), plan.upload_id, plan.generation, token=token, claimed=plan.record)
     except TransientStoreError as exc:
-        log.warning("upload %s: PutObject: %s; retrying as a task", upload_id, exc)
-        put_object.si(upload_id=upload_id, generation=generation).apply_async(task_id=token, countdown=1)
+        log.warning("upload %s: PutObject: %s; retrying as a task", plan.upload_id, exc)
+        put_object.si(upload_id=plan.upload_id, generation=plan.generation).apply_async(task_id=token, countdown=1)
 
 
 def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str, generation: int = 0) -> None:

@@ -8,6 +8,7 @@ reads as a short list of files::
                                              |  +----reopen_upload------+ (lapsed lease) / failed
           any active --mark_failed--> failed --reopen_upload / restart_upload--> uploading
           any but completed --cancel_upload--> cancelled
+    (none) --claim_upload--> creating, or for a single PUT, with its completion lease --> completing
 
 Parts are recorded with ``record_part``, fenced by the multipart upload id they were sent to,
 so a stale task from an older attempt can never write into a newer one.
@@ -279,11 +280,29 @@ class CheckpointStore:
     def claim(self, upload_id: str, fields: dict[str, Any]) -> tuple[bool, str]:
         """Create the record in ``creating``. Returns ``(True, "creating")`` when this call created
         it, else ``(False, existing_state)``."""
-        args: list[Any] = [upload_id, time.time()]
+        created, result = self._claim(upload_id, fields, "", 0)
+        return (True, "creating") if created else (False, result)
+
+    def claim_single(
+        self, upload_id: str, fields: dict[str, Any], token: str, lease_seconds: float
+    ) -> tuple[bool, UploadRecord | str]:
+        """Create a single-PUT upload's record (``fields["mode"] == "single"``) already
+        ``completing``, its completion lease held by ``token``: as if claimed, attached and
+        begun, in one round trip. Returns ``(True, record)`` when this call created it (the caller
+        sends the object and marks it completed with ``token``), else ``(False, existing_state)``."""
+        return self._claim(upload_id, fields, token, lease_seconds)
+
+    def _claim(self, upload_id: str, fields: dict[str, Any], token: str, lease_seconds: float) -> tuple[bool, Any]:
+        args: list[Any] = [upload_id, time.time(), token, lease_seconds]
         for name, value in fields.items():
             args += [name, _encode(value)]
         result = self._run("claim_upload", [self.record_key(upload_id), self.index_key], args)
-        return (True, "creating") if result[0] == "created" else (False, result[1])
+        if result[0] != "created":
+            return False, result[1]
+        if not token:
+            return True, "creating"
+        flat = result[1]
+        return True, UploadRecord.from_hash(upload_id, dict(zip(flat[::2], flat[1::2])))
 
     def attach_multipart(self, upload_id: str, mpu_id: str) -> str:
         return self._run("attach_multipart", [self.record_key(upload_id)], [mpu_id, time.time()])
