@@ -51,3 +51,32 @@ def test_a_last_part_reuses_the_threads_buffer() -> None:
     assert last.obj is full.obj, "a shorter part is a slice of the same buffer"
     bigger = part_buffer(2048)
     assert len(bigger) == 2048 and bigger.obj is not full.obj
+
+
+# -- Expect: 100-continue --------------------------------------------------------------------------
+
+
+def test_only_large_bodies_wait_for_100_continue(stack) -> None:  # type: ignore[no-untyped-def]
+    """A small object goes out with its headers (no round trip for the interim response); a part
+    of several MiB still asks first, so that a refused request costs no megabytes."""
+    from tests.conftest import s3_client
+    from uploader.objectstore import EXPECT_CONTINUE_MIN_BYTES, ObjectStore
+
+    objects = ObjectStore(stack.settings, client=s3_client(stack.endpoint_url))
+    expect: dict[str, object] = {}
+    for operation in ("PutObject", "UploadPart"):
+        objects.client.meta.events.register(
+            f"before-send.s3.{operation}",
+            lambda request, operation=operation, **_: expect.__setitem__(operation, request.headers.get("Expect")),
+        )
+    bucket = stack.new_bucket()
+    objects.put_object(bucket, "small", b"x" * 1024, metadata=None, content_type=None)
+    assert stack.s3.get_object(Bucket=bucket, Key="small")["Body"].read() == b"x" * 1024
+    mpu = objects.create_multipart_upload(bucket, "large", metadata=None, content_type=None)
+    try:
+        objects.upload_part(bucket, "large", mpu, 1, bytearray(EXPECT_CONTINUE_MIN_BYTES))
+    finally:
+        objects.abort_multipart_upload(bucket, "large", mpu)
+    assert set(expect) == {"PutObject", "UploadPart"}
+    assert expect["PutObject"] is None
+    assert expect["UploadPart"] in ("100-continue", b"100-continue")
