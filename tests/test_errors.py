@@ -3,6 +3,7 @@ keeping the uploaded parts for resume unless the request asked to abort."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -36,6 +37,27 @@ def test_transient_part_errors_are_retried_until_the_upload_completes(make_stack
     assert proxy.counts[f"injected-{fault}"] > 0
     assert stack.object_sha256(bucket, "flaky.bin") == sha256_file(path)
     assert stack.open_multipart_uploads(bucket) == []
+
+
+def test_a_small_upload_whose_put_fails_is_finished_by_a_put_object_task(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    """The coordinator sends a small source itself, under the completion lease its claim took; when
+    that PutObject fails transiently (botocore's own attempts spent), a ``put_object`` task takes
+    the same lease over and finishes the upload."""
+    stack: Stack = make_stack(UPLOADER_RETRY_BACKOFF_MAX="1")
+    worker = stack.start_worker("single", concurrency=2, UPLOADER_S3_ENDPOINT_URL=proxy.url)
+    bucket = stack.new_bucket()
+    path = stack.make_file(1000)
+    failures = itertools.count()
+    # The first four PUTs of the object (the coordinator's: botocore tries 1 + 3 retries) answer SlowDown.
+    proxy.targets = lambda method, path_: method == "PUT" and path_.endswith("/small.bin") and next(failures) < 4
+    proxy.fault, proxy.rate = "503", 1.0
+    status = stack.uploader.submit(str(path), f"s3://{bucket}/small.bin").wait(timeout=60)
+    assert status.state == "completed" and status.verified == "md5"
+    assert proxy.counts["injected-503"] == 4
+    assert "retrying as a task" in worker.log_text()
+    record = stack.uploader.checkpoint.get(status.upload_id)
+    assert record is not None and record.complete_calls == 2  # the coordinator's lease, taken over once
+    assert stack.object_sha256(bucket, "small.bin") == sha256_file(path)
 
 
 def test_exhausted_retries_fail_with_a_readable_reason_and_keep_parts(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]

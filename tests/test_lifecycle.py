@@ -115,6 +115,20 @@ def test_resubmitting_the_same_upload_id_is_idempotent(stack: Stack) -> None:
         stack.uploader.submit(str(path), f"s3://{bucket}/other", upload_id=upload_id).accepted(timeout=60)
 
 
+def test_a_submit_subscribes_to_its_result_only_when_someone_waits(stack: Stack) -> None:
+    """No pub/sub subscription per submitted upload (a round trip per submit, and one held for
+    every live handle); accepted() subscribes, and still finds a result stored before it asked."""
+    bucket = stack.new_bucket()
+    path = stack.make_file(1000)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/lazy")
+    channel = f"celery-task-meta-{handle.start.id}"
+    redis = stack.uploader.checkpoint.redis
+    wait_until(lambda: redis.exists(channel), 60, "the start task's result to be stored")
+    assert redis.pubsub_numsub(channel) == [(channel, 0)]
+    assert handle.accepted(timeout=10) == handle.upload_id
+    assert handle.wait(timeout=60).state == "completed"
+
+
 def test_start_upload_from_a_plain_celery_client(stack: Stack) -> None:
     """A client that knows only the documented contract (task and queue names, JSON kwargs)."""
     bucket = stack.new_bucket()
