@@ -127,8 +127,8 @@ class Stack:
         self.uploader = Uploader(self.settings)
         self.s3 = s3_client(self.endpoint_url)
 
-    def start_worker(self, name: str = "worker", concurrency: int = 4, **env: str) -> Worker:
-        worker = Worker(self.workdir, {**self.env, **env}, name=name, concurrency=concurrency)
+    def start_worker(self, name: str = "worker", concurrency: int = 4, pool: str = "threads", **env: str) -> Worker:
+        worker = Worker(self.workdir, {**self.env, **env}, name=name, concurrency=concurrency, pool=pool)
         self.workers.append(worker)
         return worker
 

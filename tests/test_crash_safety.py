@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from tests.conftest import Stack, sha256_file
+from uploader.localstack import wait_until
 from uploader import UploadNotFound, contract
 from uploader.planner import MiB
 
@@ -43,6 +44,35 @@ def test_sigkill_mid_upload_resumes_sending_only_in_flight_parts(make_stack) -> 
     assert stack.open_multipart_uploads(bucket) == []
     record = stack.uploader.checkpoint.get(handle.upload_id)
     assert record is not None and record.complete_calls == 1
+
+
+def test_a_killed_prefork_pool_process_costs_only_its_parts(make_stack) -> None:  # type: ignore[no-untyped-def]
+    """With the prefork pool a part's lease is held by the pool process sending it: when that
+    process dies and the worker lives on (and replaces it), the lease lapses with the process's
+    own heartbeat, and the upload completes by itself."""
+    stack: Stack = make_stack(
+        UPLOADER_WORKER_HEARTBEAT_SECONDS="2", UPLOADER_STALL_SECONDS="3", UPLOADER_RECONCILE_INTERVAL="1"
+    )
+    worker = stack.start_worker("forked", concurrency=2, pool="prefork", UPLOADER_MAX_BANDWIDTH=str(10 * MiB))
+    bucket = stack.new_bucket()
+    path = stack.make_file(12 * PART + 7)
+    handle = stack.uploader.submit(str(path), f"s3://{bucket}/forked.bin", part_size=PART)
+    handle.accepted(timeout=60)
+    stack.wait_parts_done(handle.upload_id, 2)
+    children = open(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read().split()
+    assert len(children) == 2, children
+    store = stack.uploader.checkpoint
+    holders: list[str] = []
+    wait_until(lambda: holders.extend(store.redis.hvals(store.inflight_key(handle.upload_id))) or holders, 30, "a leased part")
+    pids = {holder.partition("|")[0].rpartition("/pool-")[2] for holder in holders}
+    assert pids <= set(children), f"leases {holders} are not held by the pool processes {children}"
+    os.kill(int(sorted(pids)[0]), signal.SIGKILL)
+    with stack.beat():
+        status = handle.wait(timeout=120)
+    assert status.state == "completed"
+    assert worker.alive()
+    assert stack.object_sha256(bucket, "forked.bin") == sha256_file(path)
+    assert stack.open_multipart_uploads(bucket) == []
 
 
 def test_duplicate_part_delivery_and_double_chord_callback_complete_once(make_stack) -> None:  # type: ignore[no-untyped-def]

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat(threading.Thread):
-    """Refreshes ``owner``'s liveness key every ``ttl / 3`` seconds until :meth:`stop`."""
+    """Refreshes ``owner``'s liveness key every ``ttl / 3`` seconds until :meth:`stop`, releasing
+    first any part lease a task of this process could not release while Redis was away (they are
+    kept in this process's memory: a prefork pool process runs a heartbeat of its own)."""
 
     def __init__(self, store: CheckpointStore, owner: str, ttl: int) -> None:
         super().__init__(name=f"uploader-heartbeat-{owner}", daemon=True)

@@ -32,9 +32,9 @@ class PartOutcome:
 def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generation: int, owner: str) -> PartOutcome:
     """Send part ``part_number`` of ``upload_id`` unless it is recorded, the upload is no longer
     ``uploading``, or a newer dispatch (``generation``) superseded this one; record what the
-    server acknowledged. While sending, the part is leased to ``owner`` (``"<worker>|<task id>"``;
-    the worker's heartbeat keeps the lease alive), so neither a duplicate message nor a resume
-    sends it a second time.
+    server acknowledged. While sending, the part is leased to ``owner`` (``"<worker>|<task id>"``,
+    in a prefork pool process ``"<worker>/pool-<pid>|<task id>"``; that name's heartbeat keeps the
+    lease alive), so neither a duplicate message nor a resume sends it a second time.
 
     Raises :class:`~uploader.errors.TransientStoreError` for the caller to retry. Permanent
     problems (source changed or unreadable, AccessDenied, NoSuchUpload...) mark the upload

@@ -8,12 +8,13 @@ the parts it was sending.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from uploader.config import get_settings
 from uploader.context import default_context
@@ -22,6 +23,7 @@ from uploader.contract import celery_config
 from uploader.heartbeat import Heartbeat
 
 settings = get_settings()
+log = logging.getLogger(__name__)
 
 app = Celery("uploader", include=["workers.tasks"])
 app.conf.update(
@@ -56,6 +58,35 @@ def start_heartbeat(sender: Any = None, **_: Any) -> None:
     _heartbeat = Heartbeat(default_context().checkpoint, sender.hostname, settings.worker_heartbeat_seconds)
     _heartbeat.beat()  # alive before the first part is taken
     _heartbeat.start()
+
+
+#: In a prefork pool process: the name its part leases are held under (see below).
+_pool_process_holder: str | None = None
+
+
+def lease_holder(hostname: str) -> str:
+    """The worker name a part lease taken by this process is held under: the worker's, or in a
+    prefork pool process that process's own."""
+    return _pool_process_holder or hostname
+
+
+@worker_process_init.connect
+def start_pool_process_heartbeat(sender: Any = None, **_: Any) -> None:
+    """A prefork pool process holds its part leases under a name of its own
+    (``<worker>/pool-<pid>``) and keeps it alive with a heartbeat of its own. The process may die
+    while its worker lives (Celery terminates running tasks when the broker connection is lost,
+    and replaces the process): its leases then lapse with its heartbeat instead of looking held
+    by the live worker for ever, and leases its tasks could not release during a Redis outage are
+    released by its heartbeat, in the process that remembers them."""
+    global _pool_process_holder
+    holder = f"{sender}/pool-{os.getpid()}"
+    heartbeat = Heartbeat(default_context().checkpoint, holder, settings.worker_heartbeat_seconds)
+    try:
+        heartbeat.beat()  # alive before its first part is taken
+    except Exception as exc:  # noqa: BLE001 - Redis away at start: the thread keeps trying
+        log.warning("pool process heartbeat of %s failed: %s", holder, exc)
+    heartbeat.start()
+    _pool_process_holder = holder
 
 
 @worker_shutdown.connect

@@ -18,7 +18,7 @@ from uploader.coordinator import Coordinator, Dispatch
 from uploader.errors import TransientStoreError
 from uploader.request import parse_request
 from workers import fanout
-from workers.app import app
+from workers.app import app, lease_holder
 
 log = get_task_logger(__name__)
 
@@ -102,7 +102,7 @@ def cancel_upload(upload_id: str) -> str:
 def upload_part(self: Any, upload_id: str, part_number: int, generation: int) -> str:
     ctx = default_context()
     try:
-        owner = f"{self.request.hostname}|{self.request.id}"
+        owner = f"{lease_holder(self.request.hostname)}|{self.request.id}"
         outcome = transfer.upload_part(ctx, upload_id, part_number, generation, owner)
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, f"part {part_number}", generation)

@@ -39,17 +39,21 @@ DOWNTIME = 2.0
 STUCK_AFTER = scaled(20, 120)
 
 @pytest.mark.parametrize(
-    ("downtime", "reconnect_attempts"),
+    ("downtime", "reconnect_attempts", "pool"),
     [
-        pytest.param(DOWNTIME, None, id="restart"),
+        pytest.param(DOWNTIME, None, "threads", id="restart"),
         # Down for longer than the workers' Redis retries last (2 attempts: a fraction of a
         # second) and than their heartbeat lives: tasks in hand fail, and what they leave behind
         # (leases they could not release, unacknowledged messages) must not block the upload.
-        pytest.param(scaled(8.0, 20.0), "2", id="outage"),
+        pytest.param(scaled(8.0, 20.0), "2", "threads", id="outage"),
+        # The same with the prefork pool: a task's leases are kept in its pool process, apart
+        # from the heartbeat in the main process.
+        pytest.param(scaled(8.0, 20.0), "2", "prefork", id="outage-prefork"),
     ],
 )
 def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
-    workdir: Path, seaweed, sources_root: Path, report: Report, downtime: float, reconnect_attempts: str | None
+    workdir: Path, seaweed, sources_root: Path, report: Report, downtime: float, reconnect_attempts: str | None,
+    pool: str,
 ) -> None:
     redis_dir = workdir / f"redis-aof-{uuid.uuid4().hex[:8]}"
     redis_dir.mkdir()
@@ -71,7 +75,7 @@ def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
     handle = None
     restarts: list[dict[str, object]] = []
     try:
-        stack.start_worker("aof", concurrency=2, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH))
+        stack.start_worker("aof", concurrency=2, pool=pool, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH))
         beat = Beat(stack.workdir, stack.env)
         bucket = stack.new_bucket()
         path = stack.make_file(SIZE)
