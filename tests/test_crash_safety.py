@@ -63,7 +63,12 @@ def test_a_killed_prefork_pool_process_costs_only_its_parts(make_stack) -> None:
     assert len(children) == 2, children
     store = stack.uploader.checkpoint
     holders: list[str] = []
-    wait_until(lambda: holders.extend(store.redis.hvals(store.inflight_key(handle.upload_id))) or holders, 30, "a leased part")
+
+    def leased() -> bool:
+        holders[:] = store.redis.hvals(store.inflight_key(handle.upload_id))
+        return bool(holders)
+
+    wait_until(leased, 30, "a leased part")
     pids = {holder.partition("|")[0].rpartition("/pool-")[2] for holder in holders}
     assert pids <= set(children), f"leases {holders} are not held by the pool processes {children}"
     os.kill(int(sorted(pids)[0]), signal.SIGKILL)

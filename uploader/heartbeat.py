@@ -37,13 +37,21 @@ class Heartbeat(threading.Thread):
             log.warning("released %d part leases left over from a Redis outage", released)
         self.store.heartbeat(self.owner, self.ttl)
 
+    def start(self) -> None:
+        """Beat once now, so that the owner is alive before it takes its first lease, then every
+        ``ttl / 3`` seconds in the background."""
+        self._beat_or_warn()
+        super().start()
+
     def run(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                self.beat()
-            except (redis.RedisError, OSError) as exc:  # Redis away: keep trying, it comes back
-                log.warning("heartbeat of %s failed: %s", self.owner, exc)
-            self._stopped.wait(self.ttl / 3)
+        while not self._stopped.wait(self.ttl / 3):
+            self._beat_or_warn()
+
+    def _beat_or_warn(self) -> None:
+        try:
+            self.beat()
+        except (redis.RedisError, OSError) as exc:  # Redis away: keep trying, it comes back
+            log.warning("heartbeat of %s failed: %s", self.owner, exc)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -8,7 +8,6 @@ the parts it was sending.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from typing import Any
@@ -23,7 +22,6 @@ from uploader.contract import celery_config
 from uploader.heartbeat import Heartbeat
 
 settings = get_settings()
-log = logging.getLogger(__name__)
 
 app = Celery("uploader", include=["workers.tasks"])
 app.conf.update(
@@ -56,7 +54,6 @@ def start_heartbeat(sender: Any = None, **_: Any) -> None:
     """Lease in-flight parts to this worker for as long as it lives."""
     global _heartbeat
     _heartbeat = Heartbeat(default_context().checkpoint, sender.hostname, settings.worker_heartbeat_seconds)
-    _heartbeat.beat()  # alive before the first part is taken
     _heartbeat.start()
 
 
@@ -80,12 +77,7 @@ def start_pool_process_heartbeat(sender: Any = None, **_: Any) -> None:
     released by its heartbeat, in the process that remembers them."""
     global _pool_process_holder
     holder = f"{sender}/pool-{os.getpid()}"
-    heartbeat = Heartbeat(default_context().checkpoint, holder, settings.worker_heartbeat_seconds)
-    try:
-        heartbeat.beat()  # alive before its first part is taken
-    except Exception as exc:  # noqa: BLE001 - Redis away at start: the thread keeps trying
-        log.warning("pool process heartbeat of %s failed: %s", holder, exc)
-    heartbeat.start()
+    Heartbeat(default_context().checkpoint, holder, settings.worker_heartbeat_seconds).start()
     _pool_process_holder = holder
 
 
