@@ -305,8 +305,43 @@ def markdown(results: dict[str, Any]) -> str:
             add("Not measured: the transfer of a 10,000-part upload itself (50 GiB at 5 MiB parts would take longer "
                 "than the whole benchmark on this machine and need that much disk).")
         add("")
+    memory_markdown(sc.get("memory"), add)
     scaling_markdown(sc.get("scaling"), add)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def memory_markdown(mem: dict[str, Any] | None, add: Any) -> None:
+    if not mem:
+        return
+    add("## Worker memory with parts larger than its buffer budget")
+    add("")
+    if "error" in mem and "runs" not in mem:
+        add(f"FAILED: {mem['error']}")
+        add("")
+        return
+    add(f"One {mem['file_size'] / MiB:.0f} MiB random file in {mem['part_count']} parts of {mem['part_size'] // MiB} MiB "
+        f"through one worker (threads pool, concurrency {mem['concurrency']}: {min(mem['concurrency'], mem['part_count'])} parts "
+        "in flight at once). Base RSS: "
+        "the worker after a 1 KiB warm-up upload (S3 client and connection made, no part buffer yet); peak: its VmHWM "
+        "during the upload (reset before it). A part larger than `UPLOADER_PART_BUFFER_MAX` is checksummed and then "
+        "sent in chunks through one buffer per thread; before that option, each thread held a whole part "
+        f"({min(mem['concurrency'], mem['part_count'])} x {mem['part_size'] // MiB} MiB), as it still does for parts "
+        "up to the budget.")
+    add("")
+    add("| UPLOADER_PART_BUFFER_MAX | buffer per thread | base RSS MiB | peak RSS MiB | growth MiB | concurrency x budget MiB "
+        "| parts in flight x part size MiB | MiB/s | wall s | worker CPU s/GiB | server CPU s | state, verified |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in mem["runs"]:
+        budget = f"{row['part_buffer_max'] // MiB} MiB" + (" (default)" if row.get("budget_is_default") else "")
+        held = f"{row['buffer_per_thread_mib']:g} MiB" + (" (streamed)" if row.get("parts_streamed") else " (whole part)")
+        add(f"| {budget} | {held} | {_fmt(row['base_rss_mib'], '.0f')} | {_fmt(row['peak_rss_mib'], '.0f')} "
+            f"| {_fmt(row['growth_mib'], '.0f')} | {_fmt(row['concurrency_x_budget_mib'], '.0f')} "
+            f"| {_fmt(row.get('in_flight_x_part_size_mib'), '.0f')} | {_fmt(row['mib_s'], '.1f')} | {_fmt(row['wall_s'], '.2f')} "
+            f"| {_fmt(row['worker_cpu_s_per_gib'], '.2f')} | {_fmt(row['server_cpu_s'], '.1f')} "
+            f"| {row['state']}, {row['verified'] or '-'} |")
+    if mem.get("error"):
+        add(f"\n{mem['error']}")
+    add("")
 
 
 def scaling_markdown(sc: dict[str, Any] | None, add: Any) -> None:

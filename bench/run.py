@@ -11,10 +11,10 @@ from typing import Any
 
 from uploader.planner import MiB, parse_size
 
-from bench import fanout, large, profile, report, resume, scaling, small
+from bench import fanout, large, memory, profile, report, resume, scaling, small
 from bench.rig import Rig
 
-SCENARIOS = ("large", "profile", "small", "resume", "fanout", "scaling")
+SCENARIOS = ("large", "profile", "small", "resume", "fanout", "memory", "scaling")
 
 
 def log(message: str) -> None:
@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-count", type=int, default=None, help="1 KiB uploads timed one by one (default 100; --quick: 30)")
     parser.add_argument("--resume-size", default=None, help="file size for the resume scenario (default 512MiB; --quick: 128MiB)")
     parser.add_argument("--fanout-parts", type=int, default=None, help="parts in the fan-out scenario (default 10000; --quick: 2000)")
+    parser.add_argument("--memory-size", default=None, help="file size for the memory scenario (default 4GiB; --quick: 512MiB)")
+    parser.add_argument("--memory-part-size", default=None, help="part size of the memory scenario (default 512MiB; --quick: 128MiB)")
+    parser.add_argument("--memory-budgets", default="default",
+                        help="UPLOADER_PART_BUFFER_MAX of the memory scenario's worker, one run each: sizes or 'default' (default: default)")
     parser.add_argument("--scaling-size", default=None, help="file size for the scaling scenario (default 256MiB; --quick: 128MiB)")
     parser.add_argument("--scaling-hosts", default="1,2,4", help="host counts of the scaling scenario (default 1,2,4)")
     parser.add_argument("--scaling-rate", default="10MiB", help="egress cap of each simulated host, per second (default 10MiB)")
@@ -53,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.latency_count = args.latency_count or (30 if args.quick else 100)
     args.resume_size = parse_size(args.resume_size) if args.resume_size else (128 * MiB if args.quick else 512 * MiB)
     args.fanout_parts = args.fanout_parts or (2000 if args.quick else 10_000)
+    args.memory_size = parse_size(args.memory_size) if args.memory_size else (512 * MiB if args.quick else 4 << 30)
+    args.memory_part_size = (
+        parse_size(args.memory_part_size) if args.memory_part_size else (128 * MiB if args.quick else 512 * MiB)
+    )
+    args.memory_budgets = [None if b.strip() == "default" else parse_size(b) for b in args.memory_budgets.split(",") if b.strip()]
     args.scaling_size = parse_size(args.scaling_size) if args.scaling_size else (128 * MiB if args.quick else 256 * MiB)
     args.scaling_hosts = sorted({int(n) for n in args.scaling_hosts.split(",") if n.strip()})
     if not args.scaling_hosts or min(args.scaling_hosts) < 1 or max(args.scaling_hosts) > 16:
@@ -75,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         "options": {
             "size": args.size, "repeats": args.repeats, "quick": args.quick, "part_size": args.part_size,
             "concurrency": args.concurrency, "tools": args.tools, "scenarios": args.scenarios,
+            "memory_size": args.memory_size, "memory_part_size": args.memory_part_size,
+            "memory_budgets": args.memory_budgets,
             "scaling_size": args.scaling_size, "scaling_hosts": args.scaling_hosts,
             "scaling_rate": args.scaling_rate, "scaling_repeats": args.scaling_repeats, "scaling_tcp_cc": args.scaling_tcp_cc,
         },
@@ -144,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"fan-out ({args.fanout_parts} parts):")
                 _guard(results, "fanout", lambda: fanout.run(
                     rig, parts=args.fanout_parts, concurrency=args.concurrency, timeout=min(args.timeout, 300), log=log,
+                ))
+            if "memory" in args.scenarios:
+                log(f"worker memory with large parts ({args.memory_size / MiB:.0f} MiB, {args.memory_part_size / MiB:.0f} MiB "
+                    f"parts, concurrency {args.concurrency}):")
+                _guard(results, "memory", lambda: memory.run(
+                    rig, size=args.memory_size, part_size=args.memory_part_size, concurrency=args.concurrency,
+                    budgets=args.memory_budgets, timeout=args.timeout, log=log,
                 ))
             if "scaling" in args.scenarios:
                 log(f"scaling across simulated hosts ({args.scaling_size / MiB:.0f} MiB, hosts "

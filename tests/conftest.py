@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from uploader.checkpoint import CheckpointStore
 from uploader.client import UploadHandle, UploadStatus
 from uploader.config import Settings
 from uploader.localstack import (
-    Beat,
     MotoS3,
     RedisServer,
     SeaweedS3,
@@ -127,8 +125,14 @@ class Stack:
         self.uploader = Uploader(self.settings)
         self.s3 = s3_client(self.endpoint_url)
 
-    def start_worker(self, name: str = "worker", concurrency: int = 4, pool: str = "threads", **env: str) -> Worker:
-        worker = Worker(self.workdir, {**self.env, **env}, name=name, concurrency=concurrency, pool=pool)
+    def start_worker(
+        self, name: str = "worker", concurrency: int = 4, pool: str = "threads", *, default_name: bool = False, **env: str
+    ) -> Worker:
+        """A worker on this stack; ``default_name``: started as ``uploader worker`` under Celery's
+        default node name (every such worker on this machine shares it)."""
+        worker = Worker(
+            self.workdir, {**self.env, **env}, name=name, concurrency=concurrency, pool=pool, default_name=default_name
+        )
         self.workers.append(worker)
         return worker
 
@@ -166,15 +170,6 @@ class Stack:
         doomed.kill()
         doomed.proc.wait(10)
         return handle
-
-    @contextmanager
-    def beat(self) -> Iterator[Beat]:
-        """``celery beat`` for this stack (the periodic reconciler and janitor) while in the block."""
-        beat = Beat(self.workdir, self.env)
-        try:
-            yield beat
-        finally:
-            beat.stop()
 
     def new_bucket(self) -> str:
         name = f"t-{uuid.uuid4().hex[:20]}"

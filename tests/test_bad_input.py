@@ -16,8 +16,12 @@ from uploader.planner import GiB, MiB
 
 
 def _assert_nothing_left(stack: Stack, bucket: str, upload_id: str) -> None:
+    """Nothing on the server, and in Redis at most the refusal's reason, which expires."""
     assert stack.open_multipart_uploads(bucket) == []
-    assert stack.checkpoint_keys(upload_id) == []
+    store = stack.uploader.checkpoint
+    assert set(stack.checkpoint_keys(upload_id)) <= {store.refusal_key(upload_id)}
+    if stack.checkpoint_keys(upload_id):
+        assert 0 < store.redis.ttl(store.refusal_key(upload_id)) <= stack.settings.refusal_retention_seconds
     assert stack.s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
 
 
@@ -119,8 +123,7 @@ def test_bad_destination_sent_raw_is_refused_by_the_coordinator(stack: Stack, bu
         upload_id = f"raw-{uuid.uuid4().hex}"
         exc = _send_raw(stack, source=str(path), upload_id=upload_id, **kwargs)
         assert words in str(exc)
-        assert stack.checkpoint_keys(upload_id) == []
-    assert stack.open_multipart_uploads(bucket) == []
+        _assert_nothing_left(stack, bucket, upload_id)
 
 
 def test_missing_bucket_is_refused_and_leaves_nothing(stack: Stack) -> None:
@@ -128,7 +131,9 @@ def test_missing_bucket_is_refused_and_leaves_nothing(stack: Stack) -> None:
     upload_id = f"nobucket-{uuid.uuid4().hex}"
     with pytest.raises(UploaderError, match="does not exist"):
         stack.uploader.submit(str(path), "s3://no-such-bucket-here/k", upload_id=upload_id).wait(timeout=60)
-    assert stack.checkpoint_keys(upload_id) == []
+    store = stack.uploader.checkpoint
+    assert stack.checkpoint_keys(upload_id) == [store.refusal_key(upload_id)]
+    assert stack.uploader.status(upload_id).state == "refused"
 
 
 def test_workers_survive_bad_input(stack: Stack, bucket: str) -> None:

@@ -55,7 +55,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from uploader.checkpoint.store import STATES, CheckpointStore, PartJob, UploadRecord
+from uploader.checkpoint.store import STATES, CheckpointStore, Lease, PartJob, PartTimeLimit, UploadRecord
 from uploader.objectstore import UploadedPart
 
 IDS = ("u1", "u2")
@@ -99,6 +99,7 @@ class Model:
     generation: int = 0
     parts: dict[int, int] = field(default_factory=dict)  # part number -> size
     inflight: dict[int, str] = field(default_factory=dict)  # part number -> owner
+    hung: set[int] = field(default_factory=set)  # leases taken with a time limit already past
     lease_token: str | None = None
     lease_live: bool = False
     complete_calls: int = 0
@@ -302,14 +303,19 @@ class CheckpointMachine(RuleBasedStateMachine):
             assert result == (m.state or "missing")
 
     # -- parts --------------------------------------------------------------------------------
-    @rule(uid=ids, generation=st.sampled_from(["current", "stale", "future"]), owner=owners, data=st.data())
-    def begin_part(self, uid: str, generation: str, owner: str, data: st.DataObject) -> None:
-        self._begin_part(uid, self.draw_part(data, uid), generation, owner)
+    @rule(uid=ids, generation=st.sampled_from(["current", "stale", "future"]), owner=owners, data=st.data(), hung=rarely)
+    def begin_part(self, uid: str, generation: str, owner: str, data: st.DataObject, hung: bool = False) -> None:
+        """A part task takes its lease; a ``hung`` one with a time limit already past (its task
+        hung in a read: the lease is void although its worker lives)."""
+        self._begin_part(uid, self.draw_part(data, uid), generation, owner, hung=hung)
 
-    def _begin_part(self, uid: str, number: int, generation: str, owner: str) -> tuple[str, PartJob | str]:
+    def _begin_part(
+        self, uid: str, number: int, generation: str, owner: str, *, hung: bool = False
+    ) -> tuple[str, PartJob | str]:
         m = self.models[uid]
         gen = {"current": m.generation, "stale": m.generation - 1, "future": m.generation + 1}[generation]
-        result = self.store.begin_part(uid, number, gen, owner)
+        limit = PartTimeLimit(-3600.0, 1e12) if hung else PartTimeLimit(3600.0, 1e12)
+        result = self.store.begin_part(uid, number, gen, owner, time_limit=limit)
         if m.state != "uploading":
             expected = ("inactive", m.state or "missing")
         elif gen < m.generation:
@@ -320,7 +326,7 @@ class CheckpointMachine(RuleBasedStateMachine):
             expected = ("recorded", "")
         else:
             holder = m.inflight.get(number)
-            if holder is not None and holder != owner and holder.partition("|")[0] in self.live_workers:
+            if self._lease_holds(m, number) and holder != owner:
                 expected = ("leased", "")
             else:
                 size = m.part_count * PART_SIZE
@@ -331,6 +337,10 @@ class CheckpointMachine(RuleBasedStateMachine):
                 )
                 expected = ("send", job)
                 m.inflight[number] = owner
+                if hung:
+                    m.hung.add(number)
+                else:
+                    m.hung.discard(number)
                 m.parts_sent += 1
                 m.bytes_sent += length
         assert result == expected, f"begin_part({uid}, {number}, gen={gen}, {owner}): {result} != {expected}"
@@ -460,6 +470,23 @@ class CheckpointMachine(RuleBasedStateMachine):
                 del m.parts[n]
         if result < 0:
             _require(self.real_parts(uid) == parts_before, f"a refused forget_parts ({result}) changed the parts")
+
+    def _lease_holds(self, m: Model, number: int) -> bool:
+        holder = m.inflight.get(number)
+        return holder is not None and holder.partition("|")[0] in self.live_workers and number not in m.hung
+
+    @rule(uid=ids)
+    def reclaim_parts(self, uid: str) -> None:
+        """The reconciler takes back the leases of dead or hung holders of an uploading upload."""
+        m = self.models[uid]
+        result = self.store.reclaim_parts(uid)
+        if m.state != "uploading":
+            assert result == (0, []), f"reclaim_parts({uid}) in {m.state}: {result}"
+            return
+        expected = sorted(n for n in m.inflight if not self._lease_holds(m, n))
+        assert result == (m.generation, expected), f"reclaim_parts({uid}): {result} != {(m.generation, expected)}"
+        for n in expected:
+            del m.inflight[n]
 
     # -- workers ------------------------------------------------------------------------------
     @rule(worker=workers, alive=st.booleans())
@@ -694,7 +721,8 @@ class CheckpointMachine(RuleBasedStateMachine):
             assert int(raw["parts_done"]) == len(parts), f"{uid}: parts_done {raw['parts_done']} != {len(parts)} parts"
             assert int(raw["bytes_done"]) == sum(sizes.values()), f"{uid}: bytes_done {raw['bytes_done']} != {sizes}"
             assert sizes == m.parts, f"{uid}: parts {sizes} != model {m.parts}"
-            assert {int(n): o for n, o in inflight.items()} == m.inflight, f"{uid}: leases {inflight} != {m.inflight}"
+            owners = {int(n): Lease.parse(o).owner for n, o in inflight.items()}
+            assert owners == m.inflight, f"{uid}: leases {inflight} != {m.inflight}"
             generation = int(raw["generation"])
             assert generation >= self.last_generation[uid], f"{uid}: generation went back to {generation}"
             self.last_generation[uid] = generation
@@ -758,7 +786,8 @@ def _part(number: int) -> UploadedPart:
 
 
 def _leases(store: CheckpointStore, upload_id: str) -> dict[str, str]:
-    return store.redis.hgetall(store.inflight_key(upload_id))
+    """The owners of an upload's leases (without their deadlines)."""
+    return {n: Lease.parse(v).owner for n, v in store.redis.hgetall(store.inflight_key(upload_id)).items()}
 
 
 def test_fenced_record_part_keeps_the_current_lease(store: CheckpointStore) -> None:
@@ -852,7 +881,7 @@ def test_part_numbers_must_be_canonical_integers(store: CheckpointStore) -> None
     keys = store._keys("u1")
     worker_prefix = store.worker_key("")
     for number in ("01", "1.0", "1.5", "x", ""):
-        assert store._run("begin_part", keys, [number, 1, "w1|t1", worker_prefix]) == ["unplanned"]
+        assert store._run("begin_part", keys, [number, 1, "w1|t1", worker_prefix, 60, 0, 1e6]) == ["unplanned"]
         assert store._run("record_part", keys, ["mpu-1", number, '{"size":10}', 10, 0]) == "unplanned"
     assert store.redis.hgetall(store.parts_key("u1")) == {} and _leases(store, "u1") == {}
 

@@ -72,8 +72,7 @@ def test_a_killed_prefork_pool_process_costs_only_its_parts(make_stack) -> None:
     pids = {holder.partition("|")[0].rpartition("/pool-")[2] for holder in holders}
     assert pids <= set(children), f"leases {holders} are not held by the pool processes {children}"
     os.kill(int(sorted(pids)[0]), signal.SIGKILL)
-    with stack.beat():
-        status = handle.wait(timeout=120)
+    status = handle.wait(timeout=120)
     assert status.state == "completed"
     assert worker.alive()
     assert stack.object_sha256(bucket, "forked.bin") == sha256_file(path)

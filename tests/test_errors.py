@@ -114,9 +114,8 @@ def test_an_s3_outage_longer_than_the_part_retries_is_resumed_automatically(make
     assert failed.retry_at is not None and not failed.terminal, "a transient failure waits for an automatic resume"
     assert len(stack.open_multipart_uploads(bucket)) == 1, "parts are kept for the resume"
 
-    proxy.rate = 0.0  # the outage ends; nobody runs resume: the reconciler (under beat) does
-    with stack.beat():
-        status = handle.wait(timeout=120)
+    proxy.rate = 0.0  # the outage ends; nobody runs resume: the workers' reconciler does
+    status = handle.wait(timeout=120)
     assert status.state == "completed" and status.auto_resumes >= 1
     record = stack.uploader.checkpoint.get(handle.upload_id)
     assert record is not None and record.complete_calls == 1
@@ -137,8 +136,7 @@ def test_an_outage_before_the_multipart_upload_exists_is_resumed_automatically(m
     assert stack.uploader.checkpoint.get(handle.upload_id).mpu_id == ""  # type: ignore[union-attr]
 
     proxy.rate = 0.0
-    with stack.beat():
-        status = handle.wait(timeout=120)
+    status = handle.wait(timeout=120)
     assert status.state == "completed"
     assert stack.object_sha256(bucket, "late.bin") == sha256_file(path)
     assert stack.open_multipart_uploads(bucket) == []
@@ -153,9 +151,8 @@ def test_automatic_resumes_end_after_the_limit_with_a_final_failure(make_stack, 
     assert _wait_failed(stack, handle.upload_id).retry_at is not None
     # abort_on_failure waits for the final failure: the automatic resume needs the parts.
     assert len(stack.open_multipart_uploads(bucket)) == 1
-    with stack.beat():
-        with pytest.raises(UploadFailed, match="SlowDown"):
-            handle.wait(timeout=120)
+    with pytest.raises(UploadFailed, match="SlowDown"):
+        handle.wait(timeout=120)
     status = stack.uploader.status(handle.upload_id)
     assert status.state == "failed" and status.retry_at is None and status.auto_resumes == 1
     wait_until(lambda: stack.open_multipart_uploads(bucket) == [], 30, "the multipart upload to be aborted")

@@ -13,6 +13,7 @@ from celery import Celery
 
 from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, listen_for_events, sha256_file
 from uploader.localstack import wait_until
+from uploader.cli import ExitCode
 from uploader.planner import MiB
 
 
@@ -75,14 +76,14 @@ def test_cli_submit_wait_status_and_clear_errors(stack: Stack) -> None:
     listed = _cli(stack, "list", "--json", "--limit", "1000")
     assert upload_id in [u["upload_id"] for u in json.loads(listed.stdout)]
 
-    for args, words in [
-        (["submit", str(path), f"s3://{bucket}/x", "--part-size", "1MiB"], "5 MiB..5 GiB"),
-        (["submit", str(path), "s3://Bad_Bucket/x"], "invalid bucket name"),
-        (["submit", str(stack.sources_root / "missing.bin"), f"s3://{bucket}/x", "--wait", "--timeout", "60"], "does not exist"),
-        (["status", "no-such-upload"], "no upload 'no-such-upload'"),
-        (["cancel", upload_id], "too late to cancel"),
+    for args, words, code in [
+        (["submit", str(path), f"s3://{bucket}/x", "--part-size", "1MiB"], "5 MiB..5 GiB", ExitCode.REFUSED),
+        (["submit", str(path), "s3://Bad_Bucket/x"], "invalid bucket name", ExitCode.REFUSED),
+        (["submit", str(stack.sources_root / "missing.bin"), f"s3://{bucket}/x", "--wait", "--timeout", "60"], "does not exist", ExitCode.REFUSED),
+        (["status", "no-such-upload"], "no upload 'no-such-upload'", ExitCode.NOT_FOUND),
+        (["cancel", upload_id], "too late to cancel", ExitCode.REFUSED),
     ]:
         result = _cli(stack, *args)
-        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.returncode == code, (args, result.stdout, result.stderr)
         assert words in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr

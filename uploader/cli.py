@@ -1,10 +1,12 @@
 """``uploader``: submit, watch and manage uploads from a shell, and start workers.
 
-Errors print one readable line (never a traceback) and exit with status 1.
+Errors print one readable line (never a traceback) and exit with a status that says what kind of
+end it was (:class:`ExitCode`, listed in ``uploader --help`` and the README).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import os
@@ -19,10 +21,76 @@ from rich.markup import escape
 from rich.table import Table
 
 from uploader.client import Uploader, UploadStatus
-from uploader.errors import UploaderError
+from uploader.errors import (
+    InvalidRequest,
+    NoWorkers,
+    SourceChanged,
+    SourceError,
+    Unreachable,
+    UploadCancelled,
+    UploadConflict,
+    UploaderError,
+    UploadFailed,
+    UploadNotFound,
+    UploadRefused,
+)
 from uploader.planner import format_size, parse_size
 
 console = Console(stderr=True)
+
+
+class ExitCode(enum.IntEnum):
+    """How a command ended (also the process's exit status)."""
+
+    OK = 0
+    #: The upload ended failed (status says why), or another error.
+    FAILED = 1
+    #: The request was invalid or refused (missing source or bucket, bad option, conflicting
+    #: upload id, a state that forbids it); nothing was created. (Also click's usage errors.)
+    REFUSED = 2
+    #: No such upload.
+    NOT_FOUND = 3
+    #: Gave up waiting (--timeout, or no worker accepted the request in time).
+    TIMED_OUT = 4
+    #: Redis / the broker unreachable, or no worker alive: check the named setting.
+    UNAVAILABLE = 5
+    #: The upload was cancelled.
+    CANCELLED = 6
+    #: Interrupted (Ctrl-C); the upload goes on.
+    INTERRUPTED = 130
+
+
+#: Which exit status each error means (the first matching class wins).
+_EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
+    (UploadFailed, ExitCode.FAILED),
+    (UploadCancelled, ExitCode.CANCELLED),
+    (UploadNotFound, ExitCode.NOT_FOUND),
+    ((Unreachable), ExitCode.UNAVAILABLE),
+    (NoWorkers, ExitCode.UNAVAILABLE),
+    (InvalidRequest, ExitCode.REFUSED),
+    (UploadRefused, ExitCode.REFUSED),
+    (SourceError, ExitCode.REFUSED),
+    (SourceChanged, ExitCode.REFUSED),
+    (UploadConflict, ExitCode.REFUSED),
+    (TimeoutError, ExitCode.TIMED_OUT),
+    (UploaderError, ExitCode.FAILED),
+)
+
+EXIT_STATUS_HELP = "Exit status: " + ", ".join(
+    f"{code.value} {code.name.lower().replace('_', ' ')}" for code in ExitCode
+) + "."
+
+
+def exit_code(exc: BaseException) -> ExitCode:
+    for cls, code in _EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return ExitCode.FAILED
+
+
+def _fail(message: str, code: ExitCode) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(int(code))
 
 
 def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -31,14 +99,19 @@ def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (UploaderError, TimeoutError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            _fail(str(exc), exit_code(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted", ExitCode.INTERRUPTED)
+        except Exception as exc:  # a bug: one line for the user, the traceback on request
+            if os.environ.get("UPLOADER_DEBUG"):
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (UPLOADER_DEBUG=1 shows the traceback)", ExitCode.FAILED)
 
     return wrapper
 
 
 def _uploader() -> Uploader:
-    return Uploader.from_env()
+    return Uploader.from_env(interactive=True)
 
 
 def _size(_: click.Context, __: click.Parameter, value: str | None) -> int | None:
@@ -60,7 +133,7 @@ def _metadata(_: click.Context, __: click.Parameter, values: tuple[str, ...]) ->
     return out or None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
 @click.version_option(package_name="uploader")
 def main() -> None:
     """Distributed, resumable multipart uploads to S3-compatible storage.
@@ -78,26 +151,55 @@ def main() -> None:
 @click.option("--abort-on-failure", is_flag=True, help="Abort the multipart upload if it fails (default: keep parts for resume).")
 @click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.option(
+    "--accept-timeout", type=float, default=None,
+    help="Seconds to wait for a worker to accept or refuse the request (default UPLOADER_SUBMIT_ACCEPT_TIMEOUT, 15; 0: don't wait).",
+)
 @_friendly_errors
-def submit(source: str, destination: str, wait_: bool, timeout: float | None, **options: Any) -> None:
+def submit(source: str, destination: str, wait_: bool, timeout: float | None, accept_timeout: float | None, **options: Any) -> None:
     """Upload SOURCE (an absolute path the workers can read) to DESTINATION (s3://bucket/key).
 
-    Prints the upload id."""
+    Waits until a worker accepts the request (or refuses it: the reason, exit status 2), then
+    prints the upload id."""
     up = _uploader()
     handle = up.submit(source, destination, **{k: v for k, v in options.items() if v not in (None, False)})
+    wait_accept = up.settings.submit_accept_timeout if accept_timeout is None else accept_timeout
+    if wait_accept:
+        try:
+            handle.accepted(wait_accept)
+        except TimeoutError:
+            click.echo(handle.upload_id)
+            _fail(
+                f"upload {handle.upload_id} was not accepted within {wait_accept:g} s: is a worker running "
+                "(uploader worker) on the same UPLOADER_BROKER_URL? The request stays queued; watch it with "
+                f"`uploader watch {handle.upload_id}`",
+                ExitCode.TIMED_OUT,
+            )
     click.echo(handle.upload_id)
     if wait_:
         _follow(up, handle.upload_id, timeout, start=handle.start)
 
 
 def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = None) -> None:
-    """Progress bar until the upload ends; exit 1 unless it completed."""
+    """Progress bar until the upload ends; a non-zero exit unless it completed. Ctrl-C leaves
+    the upload running and says how to watch it."""
     from uploader.progress import show_progress
 
-    last = show_progress(up.watch(upload_id, timeout=timeout, start=start), console)
+    try:
+        last = show_progress(up.watch(upload_id, timeout=timeout, start=start), console)
+    except KeyboardInterrupt:
+        _fail(
+            f"interrupted: upload {upload_id} goes on without you; watch it with `uploader watch {upload_id}` "
+            f"(or stop it with `uploader cancel {upload_id}`)",
+            ExitCode.INTERRUPTED,
+        )
+        return
     if last is None or last.state != "completed":
+        state = last.state if last else "unknown"
         reason = f": {last.error}" if last is not None and last.error else ""
-        raise UploaderError(f"upload {upload_id} ended {last.state if last else 'unknown'}{reason}")
+        code = {"cancelled": ExitCode.CANCELLED, "refused": ExitCode.REFUSED}.get(state, ExitCode.FAILED)
+        _fail(f"upload {upload_id} ended {state}{reason}", code)
+        return
     console.print(f"[green]completed[/green] s3://{last.bucket}/{last.key} {last.final_etag} (verified: {last.verified})")
 
 
@@ -106,7 +208,7 @@ def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = No
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly_errors
 def status(upload_id: str, as_json: bool) -> None:
-    """Show an upload's state, parts and bytes done, and error."""
+    """Show an upload's state, parts and bytes done, error, and when recovery last ran."""
     st = _uploader().status(upload_id)
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
@@ -134,7 +236,17 @@ def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
         assert st.retry_at is not None
         when = time.strftime("%H:%M:%S", time.localtime(st.retry_at))
         rows.append(("next", f"resumed automatically at {when} (automatic resume {st.auto_resumes + 1})"))
+    if st.state != "refused":
+        rows.append(("recovery", _recovery_row(st)))
     return rows
+
+
+def _recovery_row(st: UploadStatus) -> str:
+    """When the workers' recovery last ran: a long silence means no worker is running."""
+    if st.recovery_ran_at is None:
+        return "has not run yet (it runs inside `uploader worker`: is one running?)"
+    ago = max(0.0, time.time() - st.recovery_ran_at)
+    return f"last ran {ago:.0f} s ago on {st.recovery_leader or 'a worker'}"
 
 
 @main.command()
@@ -198,11 +310,12 @@ def cancel(upload_id: str) -> None:
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default=None, help="Celery pool (default UPLOADER_WORKER_POOL, threads).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default celery@<host>).")
-@click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler (single-node setups only).")
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglevel: str, hostname: str | None, with_beat: bool) -> None:
+def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglevel: str, hostname: str | None) -> None:
     """Start a worker consuming both queues, with task events on (for Flower).
 
+    Every worker also takes part in recovery (sending again the parts of dead workers, resuming
+    stalled uploads, the janitor): one at a time across the fleet leads it, no scheduler needed.
     Extra arguments are passed to `celery worker`."""
     from uploader.config import get_settings
     from uploader.localstack import worker_argv
@@ -212,7 +325,7 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglev
         concurrency=concurrency or get_settings().worker_concurrency, hostname=hostname, loglevel=loglevel, pool=pool
     )
     os.environ["UPLOADER_WORKER_POOL"] = pool  # the app's configured pool wins over celery's --pool
-    os.execv(argv[0], argv + (["--beat"] if with_beat else []) + list(ctx.args))
+    os.execv(argv[0], argv + list(ctx.args))
 
 
 @main.command()
@@ -221,24 +334,12 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglev
 def gc(dry_run: bool) -> None:
     """Abort the multipart uploads of abandoned uploads (failed, cancelled or stalled longer than
     UPLOADER_ABANDON_SECONDS) and forget them. Never touches uploads this system did not start."""
-    from uploader.context import default_context
-    from uploader.maintenance import run_janitor
-
-    actions = run_janitor(default_context(), dry_run=dry_run)
+    actions = _uploader().janitor(dry_run=dry_run)
     table = Table("upload id", "state", "destination", "multipart upload", "why", title="would remove" if dry_run else "removed")
     for a in actions:
-        table.add_row(a.upload_id, a.state, f"s3://{a.bucket}/{a.key}", a.mpu_id or "-", a.reason)
+        table.add_row(a["upload_id"], a["state"], f"s3://{a['bucket']}/{a['key']}", a["mpu_id"] or "-", a["reason"])
     Console().print(table)
     click.echo(f"{len(actions)} upload(s) {'to remove' if dry_run else 'removed'}")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
-@click.pass_context
-def beat(ctx: click.Context, loglevel: str) -> None:
-    """Run the periodic scheduler (stall reconciler, janitor). Run exactly one per deployment."""
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", loglevel]
-    os.execv(argv[0], argv + list(ctx.args))
 
 
 @main.command()
@@ -252,6 +353,59 @@ def demo(size: int, part_size: int, workers: int, concurrency: int) -> None:
     from uploader.demo import run_demo
 
     sys.exit(run_demo(size=size, part_size=part_size, workers=workers, concurrency=concurrency))
+
+
+@main.group()
+def deadletter() -> None:
+    """Messages workers quarantined (malformed, unknown task, wrong arguments): inspect, purge.
+
+    Workers acknowledge such a message and keep it here (newest first, at most 10,000) instead of
+    stopping or running it: see the README's "Poison messages"."""
+
+
+def _dead_letters(action: Callable[[Any], Any]) -> Any:
+    """Run ``action`` on the dead-letter list of the configured checkpoint Redis."""
+    from uploader.checkpoint.deadletter import DeadLetters
+
+    up = _uploader()
+    with up._reaching():
+        return action(DeadLetters(up.checkpoint.redis, prefix=up.settings.key_prefix))
+
+
+@deadletter.command(name="list")
+@click.option("--limit", type=int, default=50, show_default=True, help="Newest entries to show.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (the entries as stored).")
+@_friendly_errors
+def deadletter_list(limit: int, as_json: bool) -> None:
+    """Show the newest quarantined messages: when, queue, task, id and what was wrong."""
+    from uploader.checkpoint.deadletter import printable
+
+    entries, total = _dead_letters(lambda store: (store.list(limit), store.count()))
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    table = Table("when", "queue", "task", "task id", "reason")
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("at") or 0))
+        cells = (printable(e.get(k) or "-", 120) for k in ("queue", "task", "task_id", "reason"))
+        table.add_row(when, *(escape(c) for c in cells))
+    Console().print(table)
+    click.echo(f"{len(entries)} shown of {total} quarantined message(s)")
+
+
+@deadletter.command(name="purge")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_friendly_errors
+def deadletter_purge(yes: bool) -> None:
+    """Remove every quarantined message from the dead-letter list."""
+    if not yes:
+        count = _dead_letters(lambda store: store.count())
+        if not count:
+            click.echo("purged 0 quarantined message(s)")
+            return
+        click.confirm(f"Purge {count} quarantined message(s)?", abort=True)
+    purged = _dead_letters(lambda store: store.purge())
+    click.echo(f"purged {purged} quarantined message(s)")
 
 
 if __name__ == "__main__":

@@ -9,30 +9,54 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
 from uploader import contract
 from uploader.checkpoint import CheckpointStore, UploadRecord
-from uploader.checkpoint.store import UploadLifecycle
-from uploader.config import Settings, get_settings
-from uploader.errors import InvalidRequest, UploadCancelled, UploadFailed, UploaderError, UploadNotFound
+from uploader.checkpoint.store import Refusal, UploadLifecycle
+from uploader.config import Settings, get_settings, redact_url
+from uploader.errors import (
+    InvalidRequest,
+    NoWorkers,
+    Unreachable,
+    UploadCancelled,
+    UploadFailed,
+    UploaderError,
+    UploadNotFound,
+    UploadRefused,
+    error_classes,
+)
 from uploader.request import parse_request
+
 
 #: Seconds between checkpoint polls while waiting: the first polls come quickly (a small upload
 #: finishes in milliseconds), then back off to the longest interval. A poll is one Redis read.
 FIRST_POLL_INTERVAL = 0.002
 POLL_INTERVAL = 0.1
+#: Seconds an interactive client (the CLI) waits for Redis before it gives up.
+INTERACTIVE_TIMEOUT = 3.0
+
+
+#: Seconds a watch tolerates Redis being unreachable once it has started (a Redis restart)
+#: before it gives up with :class:`~uploader.errors.Unreachable`.
+WATCH_OUTAGE_GRACE = 30
+#: How often (seconds) a watch checks that some worker is alive.
+WORKER_CHECK_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
 class UploadStatus(UploadLifecycle):
     """What ``status`` reports. ``state`` is one of creating, uploading, completing, completed,
-    failed, cancelled."""
+    failed, cancelled, or refused (the request was refused before anything was created; ``error``
+    says why)."""
 
     upload_id: str
     state: str
@@ -55,13 +79,36 @@ class UploadStatus(UploadLifecycle):
     #: such as an S3 outage longer than the part retries); None when nothing more will happen.
     retry_at: float | None
     auto_resumes: int
+    #: When the workers' recovery (reconciler, automatic resumes) last ran, and on which worker.
+    recovery_ran_at: float | None = None
+    recovery_leader: str = ""
+    #: A refused request: the class name of the coordinator's error (SourceError, ...).
+    refusal_kind: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state == "refused" or super().terminal
 
     @classmethod
-    def from_record(cls, record: UploadRecord) -> UploadStatus:
-        values = {f.name: getattr(record, f.name) for f in fields(cls)}
+    def from_record(cls, record: UploadRecord, **extra: Any) -> UploadStatus:
+        values = {f.name: getattr(record, f.name) for f in fields(cls) if hasattr(record, f.name)}
         if record.state == "completed":  # a single PUT records no parts
             values.update(parts_done=record.part_count, bytes_done=record.size)
-        return cls(**values)
+        return cls(**values, **extra)
+
+    @classmethod
+    def from_refusal(cls, upload_id: str, refusal: Refusal) -> UploadStatus:
+        return cls(
+            upload_id=upload_id, state="refused", source="", bucket="", key="", size=0, bytes_done=0,
+            parts_done=0, part_count=0, part_size=0, error=refusal.reason, final_etag="", verified="",
+            created=refusal.at, updated=refusal.at, finished=refusal.at, bytes_sent=0, retry_at=None,
+            auto_resumes=0, refusal_kind=refusal.kind,
+        )
+
+    def refusal_error(self) -> UploaderError:
+        """A refused request's error, as the class the coordinator raised."""
+        cls = _ERRORS.get(self.refusal_kind, UploadRefused)
+        return cls(f"upload {self.upload_id} was {self.error}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,44 +135,91 @@ def _subscribe_when_waited_for(producer: Any, task_id: str) -> None:
 
 
 class Uploader:
-    """Entry point: ``Uploader.from_env().submit("/data/big.bin", "s3://bucket/key")``."""
+    """Entry point: ``Uploader.from_env().submit("/data/big.bin", "s3://bucket/key")``.
 
-    def __init__(self, settings: Settings) -> None:
+    Redis errors reach the caller as :class:`~uploader.errors.Unreachable`, naming the setting to
+    check. ``interactive`` (the CLI) gives up on an unreachable Redis within a few seconds
+    instead of riding out a restart for ``UPLOADER_REDIS_RECONNECT_ATTEMPTS``."""
+
+    def __init__(self, settings: Settings, *, interactive: bool = False) -> None:
         self.settings = settings
+        self.interactive = interactive
         self.celery = _ClientCelery("uploader-client", set_as_current=False)
         self.celery.conf.update(contract.celery_config(settings))
-        self.checkpoint = CheckpointStore.from_url(
-            settings.effective_checkpoint_url, prefix=settings.key_prefix, reconnect_attempts=settings.redis_reconnect_attempts
+        if interactive:
+            self.celery.conf.update(
+                broker_connection_timeout=INTERACTIVE_TIMEOUT,
+                broker_connection_retry=False,
+                broker_connection_max_retries=1,
+                task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
+                redis_socket_connect_timeout=INTERACTIVE_TIMEOUT,
+                redis_socket_timeout=INTERACTIVE_TIMEOUT,
+            )
+        self.checkpoint = CheckpointStore.from_settings(
+            settings,
+            reconnect_attempts=1 if interactive else None,
+            timeout=INTERACTIVE_TIMEOUT if interactive else None,
         )
 
     @classmethod
-    def from_env(cls) -> Uploader:
-        return cls(get_settings())
+    def from_env(cls, *, interactive: bool = False) -> Uploader:
+        return cls(get_settings(), interactive=interactive)
+
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Redis and broker errors as :class:`Unreachable`, with the setting that names them."""
+        try:
+            yield
+        except OperationalError as exc:
+            raise Unreachable(
+                f"cannot reach the broker at {redact_url(self.settings.broker_url)} (UPLOADER_BROKER_URL): {_first_line(exc)}"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError) as exc:
+            setting = "UPLOADER_CHECKPOINT_URL" if self.settings.checkpoint_url else "UPLOADER_BROKER_URL"
+            raise Unreachable(
+                f"cannot reach Redis at {redact_url(self.settings.effective_checkpoint_url)} ({setting}): {_first_line(exc)}"
+            ) from None
+        except redis.AuthenticationError as exc:
+            raise Unreachable(f"Redis refused the credentials in the URL (UPLOADER_BROKER_URL / UPLOADER_CHECKPOINT_URL): {_first_line(exc)}") from None
 
     def close(self) -> None:
         self.celery.close()
         self.checkpoint.redis.close()
 
     # -- commands ------------------------------------------------------------------------------
-    def submit(self, source: str, destination: str, **options: Any) -> UploadHandle:
+    def submit(self, source: str, destination: str, *, accept_timeout: float | None = None, **options: Any) -> UploadHandle:
         """Validate and enqueue an upload of ``source`` to ``destination`` (``s3://bucket/key``).
 
         ``options``: ``upload_id`` (idempotency key), ``part_size`` (bytes), ``metadata``,
         ``content_type``, ``abort_on_failure``. Raises :class:`~uploader.errors.InvalidRequest`
-        at once for malformed requests; problems only a worker can see (a missing file, a
-        missing bucket) surface from :meth:`UploadHandle.wait`.
+        at once for malformed requests. Problems only a worker can see (a missing file, a
+        missing bucket) are the coordinator's refusal: with ``accept_timeout`` this waits that
+        long for the coordinator to accept the request and raises its refusal
+        (:class:`TimeoutError` if no worker answered); otherwise they surface from
+        :meth:`UploadHandle.accepted` or :meth:`UploadHandle.wait`.
         """
         bucket, key = parse_s3_url(destination)
         request = parse_request({"source": source, "bucket": bucket, "key": key, **options})
         kwargs = request.model_dump(exclude_none=True)
-        result = self.celery.send_task(contract.START_UPLOAD, kwargs=kwargs)
-        return UploadHandle(self, kwargs["upload_id"], result)
+        with self._reaching():
+            result = self.celery.send_task(contract.START_UPLOAD, kwargs=kwargs)
+        handle = UploadHandle(self, kwargs["upload_id"], result)
+        if accept_timeout:
+            handle.accepted(accept_timeout)
+        return handle
 
     def status(self, upload_id: str) -> UploadStatus:
-        record = self.checkpoint.get(upload_id)
-        if record is None:
-            raise UploadNotFound(f"no upload {upload_id!r} (never submitted, refused, or expired)")
-        return UploadStatus.from_record(record)
+        """The upload's status; a refused request's reason (state ``refused``) for a day
+        (``UPLOADER_REFUSAL_RETENTION_SECONDS``); :class:`UploadNotFound` otherwise."""
+        status = self._poll(upload_id, None)
+        if status is None:
+            raise UploadNotFound(f"no upload {upload_id!r} (never submitted, or expired)")
+        return status
+
+    def live_workers(self) -> list[str]:
+        """The worker incarnations alive now (their heartbeats)."""
+        with self._reaching():
+            return self.checkpoint.live_workers()
 
     def resume(
         self,
@@ -145,7 +239,9 @@ class Uploader:
         on the server, give the original ``source``, ``destination`` and ``options`` (at least the
         same ``part_size`` if one was given): the checkpoint is rebuilt from ListParts, keeping
         every part whose size and MD5 match the source, and only the rest is sent."""
-        if self.checkpoint.get(upload_id) is None:
+        with self._reaching():
+            exists = self.checkpoint.get(upload_id) is not None
+        if not exists:
             if source is None or destination is None:
                 raise UploadNotFound(
                     f"no checkpoint for upload {upload_id!r} (never submitted, refused, expired or lost). If "
@@ -163,31 +259,44 @@ class Uploader:
                 "parts": (record.part_count - found) if record is not None else 0,
                 "reason": f"checkpoint rebuilt; {found} parts found on the server",
             }
-        result = self.celery.send_task(contract.RESUME_UPLOAD, kwargs={"upload_id": upload_id, "restart": restart})
-        return _task_outcome(result, timeout)
+        with self._reaching():
+            result = self.celery.send_task(contract.RESUME_UPLOAD, kwargs={"upload_id": upload_id, "restart": restart})
+            return _task_outcome(result, timeout)
 
     def cancel(self, upload_id: str, *, timeout: float = 60) -> str:
         """Cancel: dispatching stops, the multipart upload is aborted, the state is ``cancelled``."""
-        self.status(upload_id)
-        result = self.celery.send_task(contract.CANCEL_UPLOAD, kwargs={"upload_id": upload_id})
-        return _task_outcome(result, timeout)
+        status = self.status(upload_id)
+        if status.state == "refused":
+            raise UploadNotFound(f"upload {upload_id} was refused ({status.error}); there is nothing to cancel")
+        with self._reaching():
+            result = self.celery.send_task(contract.CANCEL_UPLOAD, kwargs={"upload_id": upload_id})
+            return _task_outcome(result, timeout)
+
+    def janitor(self, *, dry_run: bool = False, timeout: float = 120) -> list[dict[str, str]]:
+        """Run the janitor now on a worker (clients hold no S3 credentials): the abandoned uploads
+        it removed (or, ``dry_run``, would remove)."""
+        with self._reaching():
+            result = self.celery.send_task(contract.JANITOR, kwargs={"dry_run": dry_run})
+            return _task_outcome(result, timeout)
 
     def list(self, limit: int = 100) -> list[UploadStatus]:
         """The most recent uploads, newest first."""
         out = []
-        for upload_id in self.checkpoint.list_ids(limit):
-            record = self.checkpoint.get(upload_id)
-            if record is not None:
-                out.append(UploadStatus.from_record(record))
+        with self._reaching():
+            for upload_id in self.checkpoint.list_ids(limit):
+                record = self.checkpoint.get(upload_id)
+                if record is not None:
+                    out.append(UploadStatus.from_record(record))
         return out
 
     def wait(self, upload_id: str, *, timeout: float | None = None, start: AsyncResult | None = None) -> UploadStatus:
         """Block until the upload is completed; return its final status.
 
         Keeps waiting through a transient failure the reconciler will resume (``retry_at``).
-        Raises :class:`UploadFailed` / :class:`UploadCancelled` when it ends otherwise, the
-        coordinator's error when it refused the request, and :class:`TimeoutError` at the
-        deadline."""
+        Raises :class:`UploadFailed` / :class:`UploadCancelled` when it ends otherwise,
+        :class:`UploadRefused` (or the coordinator's own error) when the request was refused,
+        :class:`NoWorkers` when no worker has been alive for ``UPLOADER_NO_WORKER_SECONDS``,
+        and :class:`TimeoutError` at the deadline."""
         last = None
         for status in self.watch(upload_id, timeout=timeout, start=start):
             last = status
@@ -196,25 +305,40 @@ class Uploader:
             raise UploadFailed(f"upload {upload_id} failed: {last.error}")
         if last.state == "cancelled":
             raise UploadCancelled(f"upload {upload_id} was cancelled")
+        if last.state == "refused":
+            raise last.refusal_error()
         return last
 
     def watch(
         self, upload_id: str, *, timeout: float | None = None, start: AsyncResult | None = None
     ) -> Iterator[UploadStatus]:
-        """Yield the status every poll interval until it is terminal (the last one yielded)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Yield the status every poll interval until it is terminal (the last one yielded).
+
+        Ends with an error rather than wait for ever: the start task's refusal, no live worker
+        for ``UPLOADER_NO_WORKER_SECONDS`` (:class:`NoWorkers`), Redis unreachable for
+        :data:`WATCH_OUTAGE_GRACE` seconds once the watch has started (:class:`Unreachable`), or
+        the ``timeout`` (:class:`TimeoutError`)."""
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
         interval = FIRST_POLL_INTERVAL
         status = None
+        outage_since: float | None = None
+        workers = _WorkerWatch(self, now)
         while True:
-            record = self.checkpoint.get(upload_id)
-            if record is None:
-                if start is not None and start.failed():
-                    raise _task_error(start)
+            try:
+                status = self._poll(upload_id, start)
+                outage_since = None
+            except Unreachable:
+                now = time.monotonic()
+                if status is None or (outage_since is not None and now - outage_since > WATCH_OUTAGE_GRACE):
+                    raise
+                outage_since = outage_since or now
             else:
-                status = UploadStatus.from_record(record)
-                yield status
-                if status.terminal:
-                    return
+                if status is not None:
+                    yield status
+                    if status.terminal:
+                        return
+                workers.check(upload_id, status)
             if deadline is not None and time.monotonic() > deadline:
                 last = (
                     f"{status.state}, {status.parts_done}/{status.part_count} parts"
@@ -225,6 +349,55 @@ class Uploader:
                 raise TimeoutError(f"upload {upload_id} did not finish within {timeout} s ({last})")
             time.sleep(interval)
             interval = min(POLL_INTERVAL, interval * 1.5)
+
+    def _poll(self, upload_id: str, start: AsyncResult | None) -> UploadStatus | None:
+        """The status now; None while the request waits for a coordinator; the start task's error
+        if it refused the request before noting anything."""
+        with self._reaching():
+            record, recovery = self.checkpoint.get_with_recovery(upload_id)
+            if record is not None:
+                return UploadStatus.from_record(
+                    record, recovery_ran_at=recovery.reconciled_at, recovery_leader=recovery.leader
+                )
+            refusal = self.checkpoint.refusal(upload_id)
+            if refusal is not None:
+                return UploadStatus.from_refusal(upload_id, refusal)
+            if start is not None and start.ready():
+                if start.failed():
+                    raise _task_error(start)
+                # Accepted, yet no record: it was lost (a Redis restored without it, an
+                # asynchronous failover) or has expired.
+                raise UploadNotFound(
+                    f"upload {upload_id} was accepted, but its checkpoint is gone (lost with Redis, or "
+                    f"expired): resume it with `uploader resume {upload_id} --source PATH --to s3://BUCKET/KEY`"
+                )
+        return None
+
+
+class _WorkerWatch:
+    """While a watch waits: whether any worker is alive, checked every few seconds; raises
+    :class:`NoWorkers` once none has been for ``no_worker_seconds``."""
+
+    def __init__(self, uploader: Uploader, now: float) -> None:
+        self.uploader = uploader
+        self.limit = uploader.settings.no_worker_seconds
+        self.last_seen = now
+        self.checked = 0.0
+
+    def check(self, upload_id: str, status: UploadStatus | None) -> None:
+        now = time.monotonic()
+        if not self.limit or now - self.checked < WORKER_CHECK_INTERVAL:
+            return
+        self.checked = now
+        if self.uploader.live_workers():
+            self.last_seen = now
+        elif now - self.last_seen > self.limit:
+            where = f"{status.state}, {status.parts_done}/{status.part_count} parts" if status else "not accepted yet"
+            raise NoWorkers(
+                f"upload {upload_id} is waiting ({where}), but no worker has been alive for "
+                f"{self.limit:.0f} s: start one (uploader worker) with the same UPLOADER_BROKER_URL; "
+                "the upload goes on when one runs"
+            )
 
 
 class UploadHandle:
@@ -245,8 +418,10 @@ class UploadHandle:
         return self.uploader.watch(self.upload_id, timeout=timeout, start=self.start)
 
     def accepted(self, timeout: float = 60) -> str:
-        """Wait for the coordinator to accept the request; raises its error if it refused."""
-        return _task_outcome(self.start, timeout)
+        """Wait for the coordinator to accept the request; raises its error if it refused, and
+        :class:`TimeoutError` if no worker answered within ``timeout``."""
+        with self.uploader._reaching():
+            return _task_outcome(self.start, timeout)
 
     def resume(self, **kwargs: Any) -> dict[str, Any]:
         return self.uploader.resume(self.upload_id, **kwargs)
@@ -280,7 +455,7 @@ def _task_outcome(result: AsyncResult, timeout: float) -> Any:
     return value
 
 
-_ERRORS = {cls.__name__: cls for cls in UploaderError.__subclasses__()}
+_ERRORS = error_classes()
 
 
 def _task_error(result: AsyncResult) -> Exception:
@@ -290,3 +465,8 @@ def _task_error(result: AsyncResult) -> Exception:
         return exc
     cls = _ERRORS.get(type(exc).__name__, UploaderError)
     return cls(str(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

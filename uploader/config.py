@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
-from uploader.planner import DEFAULT_PART_SIZE
+from uploader.planner import DEFAULT_PART_SIZE, MiB
 
 
 class Settings(BaseSettings):
@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     checkpoint_url: str | None = None
     #: Prefix of every checkpoint key, so one Redis can serve several deployments.
     key_prefix: str = "uploader"
+    #: With ``sentinel://`` URLs (``sentinel://host:26379;sentinel://host2:26379;...``): the
+    #: name of the primary the sentinels monitor, and the sentinels' own password if they have
+    #: one (the primary's goes in the URL).
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
 
     #: S3 endpoint; ``None`` means AWS's own endpoints.
     s3_endpoint_url: str | None = "http://127.0.0.1:8333"
@@ -62,6 +67,14 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(3600, ge=60)
     #: Seconds a finished upload's checkpoint is kept for ``status`` before it expires.
     retention_seconds: int = Field(7 * 24 * 3600, ge=60)
+    #: Seconds without any live worker after which a client's ``wait``/``watch`` gives up with
+    #: NoWorkers instead of waiting for ever (0: wait regardless).
+    no_worker_seconds: float = Field(60, ge=0)
+    #: Seconds ``uploader submit`` waits for a coordinator to accept or refuse the request
+    #: (0: do not wait; the id is printed at once).
+    submit_accept_timeout: float = Field(15, ge=0)
+    #: Seconds the reason of a refused request is kept under its upload id for ``status``.
+    refusal_retention_seconds: int = Field(24 * 3600, ge=60)
     #: Seconds a completer holds the ``completing`` lease before another may take over.
     completion_lease_seconds: int = Field(300, ge=5)
     #: Seconds without recorded progress after which an ``uploading`` upload counts as stalled
@@ -70,8 +83,19 @@ class Settings(BaseSettings):
     #: Seconds a worker's heartbeat lives; a killed worker's in-flight parts are dispatched
     #: again once it lapses.
     worker_heartbeat_seconds: int = Field(15, ge=1)
-    #: Seconds between two runs of the stall reconciler (Celery beat).
+    #: Seconds between two runs of the reconciler (run by the workers themselves, one at a time
+    #: across the fleet: see ``leader_lease_seconds``).
     reconcile_interval: float = Field(30, gt=0)
+    #: Seconds the worker running recovery (reconciler, automatic resumes, janitor) holds its
+    #: leader lease; another worker takes over this long after the leader dies.
+    leader_lease_seconds: float = Field(10, ge=1)
+    #: A part task's time limit: this many seconds plus the part's length at
+    #: ``part_min_throughput`` bytes per second. Past it the part's lease is void and the part is
+    #: sent again elsewhere, whatever its worker's heartbeat says (a read hung on a network
+    #: filesystem, a socket that never answers). Keep the largest part's limit below
+    #: ``visibility_timeout``.
+    part_time_base: float = Field(60, gt=0)
+    part_min_throughput: int = Field(128 * 1024, ge=1024)
     #: Seconds after which failed or cancelled uploads, and uploads stalled that long, are
     #: aborted on the server and forgotten by the janitor.
     abandon_seconds: int = Field(7 * 24 * 3600, ge=1)
@@ -81,7 +105,7 @@ class Settings(BaseSettings):
     #: such failures are final until someone runs ``resume``.
     auto_resume_limit: int = Field(10, ge=0)
     auto_resume_backoff: int = Field(30, ge=1)
-    #: Seconds between two janitor runs (Celery beat).
+    #: Seconds between two janitor runs (by the recovery leader among the workers).
     janitor_interval: float = Field(3600, gt=0)
     #: Bytes per second one worker process may send (0 = unlimited).
     max_bandwidth: int = Field(0, ge=0)
@@ -100,6 +124,12 @@ class Settings(BaseSettings):
     #: slot) or ``solo``. (Set here, not with ``celery worker --pool``: Celery cannot tell an
     #: explicit ``--pool prefork`` from its default once the app configures a pool.)
     worker_pool: Literal["threads", "prefork", "solo"] = "threads"
+    #: Bytes one worker thread holds in memory for one part, whatever part size a request asks
+    #: for (S3 allows 5 GiB): a worker's part buffers stay below concurrency x this. A part up to
+    #: this size is read into the thread's reusable buffer with one read and sent from it; a
+    #: larger one is read twice in chunks of at most this (8 MiB by default) through that buffer,
+    #: once to compute its checksum and once while it is sent.
+    part_buffer_max: int = Field(64 * MiB, ge=1 * MiB, le=5 * 1024 * MiB)
 
     @field_validator("s3_endpoint_url", "result_backend", "checkpoint_url", mode="before")
     @classmethod
@@ -113,6 +143,22 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(Path(p) for p in value.replace(",", ":").split(":") if p)
         return value
+
+    @model_validator(mode="after")
+    def _sentinel_needs_a_master(self) -> Settings:
+        urls = {"UPLOADER_BROKER_URL": self.broker_url, "UPLOADER_RESULT_BACKEND": self.result_backend,
+                "UPLOADER_CHECKPOINT_URL": self.checkpoint_url}
+        sentinel = [name for name, url in urls.items() if url and url.split(";", 1)[0].strip().lower().startswith("sentinel://")]
+        if sentinel and not self.redis_sentinel_master:
+            raise ValueError(
+                f"{', '.join(sentinel)} use Redis Sentinel: set UPLOADER_REDIS_SENTINEL_MASTER to the name of the "
+                "primary the sentinels monitor (`sentinel monitor <name> ...`)"
+            )
+        return self
+
+    @property
+    def redis_sentinel_password_value(self) -> str | None:
+        return self.redis_sentinel_password.get_secret_value() if self.redis_sentinel_password else None
 
     @property
     def effective_result_backend(self) -> str:

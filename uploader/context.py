@@ -22,11 +22,7 @@ class UploaderContext:
     def from_settings(cls, settings: Settings) -> UploaderContext:
         return cls(
             settings=settings,
-            checkpoint=CheckpointStore.from_url(
-                settings.effective_checkpoint_url,
-                prefix=settings.key_prefix,
-                reconnect_attempts=settings.redis_reconnect_attempts,
-            ),
+            checkpoint=CheckpointStore.from_settings(settings),
             objects=object_store(settings),
             throttle=TokenBucket(settings.max_bandwidth) if settings.max_bandwidth else None,
         )

@@ -8,19 +8,20 @@ duplicate ``start_upload`` messages and concurrent ``resume`` calls dispatch the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from uploader.checkpoint import UploadRecord
-from uploader.completion import completed_on_server
+from uploader.completion import completed_on_server, mark_failed
 from uploader.context import UploaderContext
 from uploader.errors import (
+    InvalidRequest,
     PermanentStoreError,
+    SourceError,
     SourceChanged,
     UploadConflict,
     UploaderError,
@@ -28,7 +29,7 @@ from uploader.errors import (
 )
 from uploader.objectstore import ListedPart, UploadedPart, error_code
 from uploader.planner import PartPlan, plan_parts
-from uploader.request import UploadRequest
+from uploader.request import UploadRequest, parse_request, valid_upload_id
 from uploader.sources import Fingerprint, open_source
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,12 @@ DISPATCH_LOCK_SECONDS = 120
 
 @dataclass(frozen=True)
 class Dispatch:
-    """What to send for an upload: part tasks followed by completion, the single PUT, only the
-    completion, or nothing."""
+    """What to send for an upload: part tasks followed by completion (``parts``), part tasks
+    alone (``resend``: parts taken back from a dead or hung holder; the last part recorded
+    triggers completion), the single PUT, only the completion, or nothing."""
 
     upload_id: str
-    kind: Literal["parts", "single", "complete", "nothing"]
+    kind: Literal["parts", "resend", "single", "complete", "nothing"]
     parts: tuple[int, ...] = field(default=())
     #: Messages of older generations are skipped: whatever they carried was dispatched again.
     generation: int = 0
@@ -65,6 +67,27 @@ class Coordinator:
         self.settings = ctx.settings
 
     # -- start ---------------------------------------------------------------------------------
+    def start_message(self, kwargs: dict[str, Any], dispatch: Dispatcher) -> str:
+        """Handle an ``uploader.start_upload`` message (from any client, in any language): validate
+        it and :meth:`start` it. Returns the upload id. A refusal (invalid request, missing
+        source or bucket, conflicting upload id) raises the error for the sender and, when the
+        message names a usable upload id, notes the reason under it for ``status``."""
+        try:
+            request = parse_request(kwargs)
+        except InvalidRequest as exc:
+            upload_id = kwargs.get("upload_id") if isinstance(kwargs, dict) else None
+            if isinstance(upload_id, str) and valid_upload_id(upload_id):
+                self._refuse(upload_id, exc)
+            raise
+        assert request.upload_id is not None, "parse_request fills in the upload id"
+        self.start(request, dispatch)
+        return request.upload_id
+
+    def _refuse(self, upload_id: str, exc: UploaderError) -> None:
+        reason = f"refused: {exc}"
+        log.warning("upload %s %s", upload_id, reason)
+        self.store.refuse(upload_id, reason, self.settings.refusal_retention_seconds, type(exc).__name__)
+
     def start(self, request: UploadRequest, dispatch: Dispatcher) -> Dispatch:
         """Validate the source, plan, create the multipart upload and dispatch every part.
 
@@ -75,10 +98,14 @@ class Coordinator:
         """
         upload_id = request.upload_id
         assert upload_id is not None, "parse_request fills in the upload id"
-        source = open_source(request.source, self.settings.source_roots)
-        fingerprint = source.fingerprint()
-        plan, mode = self._plan(fingerprint.size, request.part_size)
-        self._check_bucket(request.bucket)
+        try:
+            source = open_source(request.source, self.settings.source_roots)
+            fingerprint = source.fingerprint()
+            plan, mode = self._plan(fingerprint.size, request.part_size)
+            self._check_bucket(request.bucket)
+        except (SourceError, InvalidRequest, PermanentStoreError) as exc:
+            self._refuse(upload_id, exc)
+            raise
         fields = {
             "source": request.source,
             "bucket": request.bucket,
@@ -132,13 +159,15 @@ class Coordinator:
         upload_id = record.upload_id
         if record.mode == "single":
             return self._attach_single(upload_id, record.generation, dispatch)
-        adopted = self._find_our_multipart_upload(record)
         try:
+            adopted = self._find_our_multipart_upload(record)
             mpu_id = adopted[0] if adopted else self.objects.create_multipart_upload(
                 record.bucket, record.key, metadata=record.metadata, content_type=record.content_type
             )
-        except PermanentStoreError:
-            self.store.discard(upload_id)  # refused before anything existed: leave nothing
+        except (PermanentStoreError, SourceError, SourceChanged) as exc:
+            # Nothing was created on the server: the upload ends failed, with the reason, in
+            # seconds (resume starts it again once the cause is fixed).
+            mark_failed(self.ctx, upload_id, f"starting the upload failed: {exc}")
             raise
         outcome = self.store.attach_multipart(upload_id, mpu_id)
         if outcome == "ok" and adopted:
@@ -178,9 +207,15 @@ class Coordinator:
         candidates = self.objects.list_multipart_uploads(record.bucket, record.key)
         if not candidates:
             return None
+        from uploader.checksums import md5_b64_to_etag
+        from uploader.transfer import part_buffer, stream_chunk_size
+
         plan = PartPlan(record.size, record.part_size, record.part_count)
         source = open_source(record.source, self.settings.source_roots)
         expected = Fingerprint(size=record.size, mtime_ns=record.mtime_ns)
+        # Parts are checksummed in chunks through this thread's part buffer, within the
+        # worker's own memory budget whatever the part size (the upload's sender chose it).
+        buffer = part_buffer(stream_chunk_size(self.settings.part_buffer_max))
         for mpu_id, initiated in sorted(candidates, key=lambda c: -c[1]):
             listed = list(self.objects.list_parts(record.bucket, record.key, mpu_id))
             if not listed:
@@ -198,13 +233,17 @@ class Coordinator:
                     mismatch = True
                     break
                 offset, length = plan.part_range(number)
-                data = source.read_range(offset, length, expected)
-                md5 = hashlib.md5(data).hexdigest()
+                if not any(c.size == length for c in copies):
+                    mismatch = True
+                    break
+                with source.open_range(offset, length, expected) as source_range:
+                    md5_b64, checksum = source_range.checksums(("md5", self.objects.checksum), buffer)
+                md5 = md5_b64_to_etag(md5_b64).strip('"')
                 copy = next((c for c in copies if c.size == length and c.etag.strip('"') == md5), None)
                 if copy is None:
                     mismatch = True
                     break
-                matched[number] = (number, UploadedPart(copy.etag, self.objects.part_checksum(data)), length)
+                matched[number] = (number, UploadedPart(copy.etag, checksum), length)
             if not mismatch and matched:
                 return mpu_id, sorted(matched.values(), key=lambda m: m[0])
         return None

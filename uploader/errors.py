@@ -46,3 +46,33 @@ class UploadFailed(UploaderError):
 
 class UploadCancelled(UploaderError):
     """Raised by ``wait`` when the upload was cancelled."""
+
+
+class UploadRefused(UploaderError):
+    """The coordinator refused the request before creating anything (its reason says why: a
+    missing source, a missing bucket, an invalid option...). ``status`` reports it for a while."""
+
+
+class MessageQuarantined(UploaderError):
+    """A worker could not accept the task message (malformed) and moved it to the dead-letter
+    list (``uploader deadletter list``); the task never ran."""
+
+
+class Unreachable(UploaderError):
+    """Redis (broker, results, checkpoint) or S3 could not be reached; the message names the
+    setting to check."""
+
+
+class NoWorkers(UploaderError):
+    """No worker has been alive for a while: nothing will move until one is started."""
+
+
+def error_classes() -> dict[str, type[UploaderError]]:
+    """Every error class of this package by name (for errors that crossed a Celery result)."""
+    found: dict[str, type[UploaderError]] = {}
+    pending: list[type[UploaderError]] = [UploaderError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found

@@ -88,9 +88,10 @@ class _Process:
 
 
 class RedisServer(_Process):
-    """``redis-server`` on a free loopback port, with the settings Celery needs (noeviction)."""
+    """``redis-server`` on a free loopback port, with the settings Celery needs (noeviction).
+    ``replica_of``: the port of a primary on loopback to replicate."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False):
+    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False, replica_of: int | None = None):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make setup` (or apt-get install redis-server)")
@@ -101,10 +102,40 @@ class RedisServer(_Process):
             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
             "--maxmemory-policy", "noeviction", "--databases", "64", "--dir", str(workdir), "--daemonize", "no",
         ]
+        if replica_of is not None:
+            # Its own files (the primary's are in the same directory), and its own name for them.
+            argv += ["--replicaof", "127.0.0.1", str(replica_of), "--dbfilename", f"replica-{self.port}.rdb",
+                     "--appendfilename", f"replica-{self.port}.aof"]
         super().__init__(argv, workdir / f"redis-{self.port}.log")
         wait_until(lambda: redis_answers(self.url) or not self.alive(), 20, f"redis-server on port {self.port}")
         if not self.alive():
             raise RuntimeError(f"redis-server exited: {self.log_text()[-2000:]}")
+
+
+class RedisSentinel(_Process):
+    """A Redis Sentinel (``redis-server <conf> --sentinel``) on a free loopback port, monitoring the
+    primary on ``primary_port`` as ``name``; quick to act (down after 1 s), for tests."""
+
+    def __init__(self, workdir: Path, primary_port: int, *, name: str, quorum: int = 2):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run `make setup` (or apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"sentinel://127.0.0.1:{self.port}"
+        config = workdir / f"sentinel-{self.port}.conf"  # the sentinel rewrites it as it learns
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {workdir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {primary_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {name} 1000\n"
+            f"sentinel failover-timeout {name} 10000\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+        super().__init__([binary, str(config), "--sentinel"], workdir / f"sentinel-{self.port}.log")
+        wait_until(
+            lambda: redis_answers(f"redis://127.0.0.1:{self.port}") or not self.alive(), 20, f"sentinel on port {self.port}"
+        )
+        if not self.alive():
+            raise RuntimeError(f"redis sentinel exited: {self.log_text()[-2000:]}")
 
 
 def weed_binary() -> str:
@@ -176,13 +207,22 @@ class MotoS3(_Process):
 
 
 class Worker(_Process):
-    """A real ``celery worker`` process consuming both queues, with task events on."""
+    """A real ``celery worker`` process consuming both queues, with task events on.
+
+    ``default_name``: started exactly as the README says, ``uploader worker -c N``, under
+    Celery's default node name (``celery@<host>``, the same for every worker on this machine)
+    instead of a unique test name."""
 
     def __init__(
-        self, workdir: Path, env: dict[str, str], *, name: str = "worker", concurrency: int = 8, pool: str = "threads"
+        self, workdir: Path, env: dict[str, str], *, name: str = "worker", concurrency: int = 8, pool: str = "threads",
+        default_name: bool = False,
     ):
-        self.name = f"{name}-{free_port()}@localhost"
-        argv = worker_argv(concurrency=concurrency, hostname=self.name, loglevel="INFO", pool=pool)
+        if default_name:
+            self.name = f"celery@{socket.gethostname()}"
+            argv = [str(Path(sys.executable).parent / "uploader"), "worker", "-c", str(concurrency), "--pool", pool]
+        else:
+            self.name = f"{name}-{free_port()}@localhost"
+            argv = worker_argv(concurrency=concurrency, hostname=self.name, loglevel="INFO", pool=pool)
         env = {**os.environ, **env, "UPLOADER_WORKER_POOL": pool}
         super().__init__(argv, workdir / f"{name}-{int(time.time() * 1000)}.log", env=env)
         wait_until(self._ready, 60, f"celery worker {self.name}", interval=0.1)
@@ -191,18 +231,6 @@ class Worker(_Process):
         if not self.alive():
             raise RuntimeError(f"worker exited: {self.log_text()[-3000:]}")
         return " ready." in self.log_text()
-
-
-class Beat(_Process):
-    """``celery beat``: sends the periodic reconcile and janitor tasks."""
-
-    def __init__(self, workdir: Path, env: dict[str, str]):
-        schedule = workdir / f"beat-{free_port()}.schedule"
-        argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", "INFO", "--schedule", str(schedule)]
-        super().__init__(argv, workdir / f"beat-{int(time.time() * 1000)}.log", env={**os.environ, **env})
-        wait_until(lambda: "beat: Starting" in self.log_text() or not self.alive(), 30, "celery beat")
-        if not self.alive():
-            raise RuntimeError(f"celery beat exited: {self.log_text()[-3000:]}")
 
 
 def worker_argv(*, concurrency: int, hostname: str | None = None, loglevel: str = "INFO", pool: str = "threads") -> list[str]:

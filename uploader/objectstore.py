@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
-from uploader.checksums import crc32_b64, md5_b64
+from uploader.checksums import Algorithm, crc32_b64, md5_b64
 from uploader.config import Settings
-from uploader.errors import PermanentStoreError, TransientStoreError
+from uploader.errors import PermanentStoreError, SourceChanged, SourceError, TransientStoreError
 
 #: S3 error codes that a later attempt can succeed on.
 TRANSIENT_CODES = frozenset(
@@ -120,6 +120,109 @@ class BodyView:
         pass
 
 
+class RangeReader(Protocol):
+    """What :class:`RangeBody` reads from (:class:`uploader.sources.SourceRange`)."""
+
+    length: int
+
+    def readinto(self, buffer: bytearray | memoryview, position: int = 0) -> int: ...
+
+    def check(self) -> None: ...
+
+    def checksums(self, algorithms: Sequence[Algorithm], buffer: bytearray | memoryview) -> tuple[str, ...]: ...
+
+
+class RangeBody:
+    """A read-only, seekable, sized file object over a byte range of an open source that holds
+    at most one ``buffer`` of it in memory: a part larger than the memory a worker allows for one
+    part (``UPLOADER_PART_BUFFER_MAX``) is sent through one of these.
+
+    urllib3 reads a file body ``read(16384)`` at a time (``urllib3.util.request.body_to_chunks``);
+    each call is served as a view of ``buffer``, which is refilled with one ``preadv`` of up to
+    its whole length when the position leaves the bytes it holds, so the system calls stay at one
+    per buffer, not one per 16 KiB. A view returned by :meth:`read` is valid until the next call
+    (urllib3 sends each chunk before it asks for the next).
+
+    Every refill first checks the source's fingerprint on the open descriptor, so a source that
+    changed since its checksum was computed (:meth:`checksum`, the first pass over the range)
+    fails with :class:`~uploader.errors.SourceChanged` instead of sending other bytes; a change
+    in the middle of a refill is caught by the server, which checks the body against the checksum
+    sent in the headers (BadDigest).
+
+    ``seek``/``tell``/``len()`` behave as :class:`BodyView`'s (botocore rewinds the body for a
+    retry and measures it for ``Content-Length``)."""
+
+    def __init__(self, source: RangeReader, buffer: bytearray | memoryview) -> None:
+        self._source = source
+        self._buffer = memoryview(buffer).cast("B")
+        if not len(self._buffer) and source.length:
+            raise ValueError("RangeBody needs a buffer of at least one byte")
+        self._length = source.length
+        self._pos = 0
+        self._start = 0  # the range position of self._buffer[0]
+        self._filled = 0  # bytes of the range the buffer holds from there
+
+    def __len__(self) -> int:
+        return max(0, self._length - self._pos)
+
+    def __repr__(self) -> str:  # botocore's debug log prints request params
+        return f"<RangeBody {self._length} bytes at {self._pos}, {len(self._buffer)}-byte buffer>"
+
+    def checksum(self, algorithm: Algorithm) -> str:
+        """The range's ``algorithm`` header value, read in chunks through this body's buffer (the
+        first pass: the header goes out before the body); the body is left at its start."""
+        self._filled = 0  # the buffer is reused: what it held is gone
+        value = self._source.checksums((algorithm,), self._buffer)[0]
+        self.seek(0)
+        return value
+
+    def read(self, size: int | None = -1) -> memoryview:
+        """Up to ``size`` bytes from the position (a negative or missing size: what the buffer
+        holds from there, at most one buffer; read until an empty result for the rest)."""
+        if self._pos >= self._length:
+            return self._buffer[:0]
+        if not self._start <= self._pos < self._start + self._filled:
+            self._refill()
+        offset = self._pos - self._start
+        available = self._filled - offset
+        n = available if size is None or size < 0 else min(size, available)
+        self._pos += n
+        return self._buffer[offset : offset + n]
+
+    def _refill(self) -> None:
+        self._filled = 0  # nothing valid in the buffer until the read succeeds
+        self._source.check()
+        self._start = self._pos
+        self._filled = self._source.readinto(self._buffer, self._pos)
+
+    def readinto(self, target: bytearray | memoryview) -> int:
+        chunk = self.read(len(memoryview(target)))
+        memoryview(target).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}
+        if whence not in bases:
+            raise ValueError(f"invalid whence {whence!r}")
+        base = bases[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass  # the source range belongs to the caller, who closes it after the request
+
+
 #: Request bodies smaller than this go without ``Expect: 100-continue`` (the AWS SDK for Go v2,
 #: s5cmd's, draws the line at 2 MB too). botocore asks for it on every file-like body: a round
 #: trip to the server before the body, and botocore then reads the interim response a byte per
@@ -132,7 +235,11 @@ def _expect_continue_for_large_bodies_only(params: dict[str, Any], **_: Any) -> 
     """botocore ``before-call`` handler, run after its own ``add_expect_header``."""
     headers = params.get("headers") or {}
     body = params.get("body")
-    if headers.get("Expect") == "100-continue" and isinstance(body, BodyView) and len(body) < EXPECT_CONTINUE_MIN_BYTES:
+    if (
+        headers.get("Expect") == "100-continue"
+        and isinstance(body, (BodyView, RangeBody))
+        and len(body) < EXPECT_CONTINUE_MIN_BYTES
+    ):
         del headers["Expect"]
 
 
@@ -149,6 +256,12 @@ def store_error(exc: Exception, action: str) -> TransientStoreError | PermanentS
             TransientStoreError(text) if transient else PermanentStoreError(text + _advice(code))
         )
         err.code = code  # type: ignore[attr-defined]
+        return err
+    if isinstance(exc, HTTPClientError) and isinstance(exc.kwargs.get("error"), (ValueError, UnicodeError)):
+        # The request could not even be written (an invalid header value, a non-Latin-1
+        # character): sending it again fails the same way.
+        err = PermanentStoreError(f"{action} failed: the request could not be sent: {exc.kwargs['error']}")
+        err.code = "InvalidRequest"  # type: ignore[attr-defined]
         return err
     if isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
         err = TransientStoreError(f"{action} failed: {type(exc).__name__}: {exc}")
@@ -228,22 +341,38 @@ class ObjectStore:
         return self._call(f"CreateMultipartUpload s3://{bucket}/{key}", "create_multipart_upload", **kwargs)["UploadId"]
 
     def upload_part(
-        self, bucket: str, key: str, mpu_id: str, part_number: int, data: bytes | bytearray | memoryview
+        self, bucket: str, key: str, mpu_id: str, part_number: int, data: bytes | bytearray | memoryview | RangeBody
     ) -> UploadedPart:
-        checksum_args, checksum = self._checksum_args(data)
-        response = self._call(
-            f"UploadPart {part_number} of s3://{bucket}/{key}",
-            "upload_part",
-            Bucket=bucket,
-            Key=key,
-            UploadId=mpu_id,
-            PartNumber=part_number,
-            Body=BodyView(data),
-            **checksum_args,
-        )
+        """Send one part: a buffer (checksummed in one pass, sent as a :class:`BodyView`), or a
+        :class:`RangeBody` (checksummed in a first pass over its range, then streamed).
+
+        Raises :class:`~uploader.errors.SourceChanged` / :class:`~uploader.errors.SourceError`
+        when a streamed body's source changed or became unreadable while it was read."""
+        body: BodyView | RangeBody
+        if isinstance(data, RangeBody):
+            body = data
+            checksum = body.checksum(self.checksum)
+            checksum_args = {"ChecksumCRC32" if self.checksum == "crc32" else "ContentMD5": checksum}
+        else:
+            checksum_args, checksum = self._checksum_args(data)
+            body = BodyView(data)
+        action = f"UploadPart {part_number} of s3://{bucket}/{key}"
+        try:
+            response = self.client.upload_part(
+                Bucket=bucket, Key=key, UploadId=mpu_id, PartNumber=part_number, Body=body, **checksum_args
+            )
+        except HTTPClientError as exc:
+            # botocore wraps whatever the body raised while being read (after its own retries,
+            # each failing at its first read): a source error is ours, not the network's.
+            inner = exc.kwargs.get("error")
+            if isinstance(inner, (SourceChanged, SourceError)):
+                raise inner from None
+            raise store_error(exc, action) from None
+        except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as exc:
+            raise store_error(exc, action) from None
         etag = response.get("ETag")
         if not etag:  # a response cut off inside its headers can parse as a bare 200
-            error = TransientStoreError(f"UploadPart {part_number} of s3://{bucket}/{key}: response without an ETag")
+            error = TransientStoreError(f"{action}: response without an ETag")
             error.code = "MissingETag"  # type: ignore[attr-defined]
             raise error
         return UploadedPart(etag=etag, checksum=checksum)

@@ -22,6 +22,16 @@ _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: S3 limits user metadata (names and values, UTF-8) to 2 KiB in all.
 MAX_METADATA_BYTES = 2048
 MAX_KEY_BYTES = 1024
+#: The longest source (a path: PATH_MAX) and content type accepted; every string a request
+#: stores in the checkpoint has a cap (see the README's "Limits").
+MAX_SOURCE_BYTES = 4096
+MAX_CONTENT_TYPE_CHARS = 256
+#: An HTTP header name's characters (RFC 9110 "token"): what a metadata name must be made of.
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: What a header value may hold: printable ASCII and spaces (no CR, LF, NUL or other control
+#: characters, which would forge or break headers; botocore sends headers as Latin-1, and S3
+#: answers non-ASCII metadata with a signature error).
+_HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]*")
 
 
 class UploadRequest(BaseModel):
@@ -45,6 +55,18 @@ class UploadRequest(BaseModel):
     def _source(cls, value: str) -> str:
         if not value or "\x00" in value:
             raise ValueError("source must be a non-empty path without NUL bytes")
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+            raise ValueError(f"source is longer than {MAX_SOURCE_BYTES} bytes")
+        return value
+
+    @field_validator("content_type")
+    @classmethod
+    def _content_type(cls, value: str | None) -> str | None:
+        if value is not None:
+            if len(value) > MAX_CONTENT_TYPE_CHARS:
+                raise ValueError(f"content type is {len(value)} characters; at most {MAX_CONTENT_TYPE_CHARS}")
+            if not _HEADER_VALUE_RE.fullmatch(value):
+                raise ValueError("content type must be printable ASCII (no control characters such as CR or LF)")
         return value
 
     @field_validator("bucket")
@@ -83,9 +105,15 @@ class UploadRequest(BaseModel):
             total = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
             if total > MAX_METADATA_BYTES:
                 raise ValueError(f"metadata is {total} bytes; S3 allows {MAX_METADATA_BYTES} bytes of user metadata")
-            for name in value:
-                if not name or not name.isascii() or not name.isprintable() or " " in name:
-                    raise ValueError(f"metadata name {name!r} must be printable ASCII without spaces")
+            for name, item in value.items():
+                if not _TOKEN_RE.fullmatch(name):
+                    raise ValueError(
+                        f"metadata name {name!r} must be an HTTP token: letters, digits and !#$%&'*+-.^_`|~"
+                    )
+                if not _HEADER_VALUE_RE.fullmatch(item):
+                    raise ValueError(
+                        f"metadata value of {name!r} must be printable ASCII (no control characters such as CR or LF)"
+                    )
         return value
 
 
@@ -121,6 +149,11 @@ def parse_request(kwargs: dict[str, Any]) -> UploadRequest:
     if request.upload_id is None:
         request = request.model_copy(update={"upload_id": new_upload_id()})
     return request
+
+
+def valid_upload_id(value: str) -> bool:
+    """Whether ``value`` has the shape of an upload id (safe as part of a Redis key)."""
+    return bool(_UPLOAD_ID_RE.fullmatch(value))
 
 
 def new_upload_id() -> str:

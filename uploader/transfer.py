@@ -10,11 +10,13 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from uploader.checkpoint.store import PartJob, UploadRecord
+from uploader.checkpoint.store import PartJob, PartTimeLimit, UploadRecord
 from uploader.checksums import md5_b64_to_etag
 from uploader.context import UploaderContext
 from uploader.errors import PermanentStoreError, SourceChanged, SourceError, UploaderError
-from uploader.sources import Fingerprint, open_source
+from uploader.objectstore import RangeBody
+from uploader.planner import MiB
+from uploader.sources import Fingerprint, SourceRange, open_source
 from uploader.completion import mark_failed
 
 log = logging.getLogger(__name__)
@@ -32,16 +34,19 @@ class PartOutcome:
 def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generation: int, owner: str) -> PartOutcome:
     """Send part ``part_number`` of ``upload_id`` unless it is recorded, the upload is no longer
     ``uploading``, or a newer dispatch (``generation``) superseded this one; record what the
-    server acknowledged. While sending, the part is leased to ``owner`` (``"<worker>|<task id>"``,
-    in a prefork pool process ``"<worker>/pool-<pid>|<task id>"``; that name's heartbeat keeps the
-    lease alive), so neither a duplicate message nor a resume sends it a second time.
+    server acknowledged. While sending, the part is leased to ``owner`` (``"<holder>|<task id>"``,
+    the holder this worker incarnation or its prefork pool process; its heartbeat keeps the lease
+    alive, for at most the part's time limit), so neither a duplicate message nor a resume sends
+    it a second time.
 
     Raises :class:`~uploader.errors.TransientStoreError` for the caller to retry. Permanent
     problems (source changed or unreadable, AccessDenied, NoSuchUpload...) mark the upload
     ``failed`` with the reason and are re-raised.
     """
     store = ctx.checkpoint
-    verdict, job = store.begin_part(upload_id, part_number, generation, owner)
+    settings = ctx.settings
+    time_limit = PartTimeLimit(settings.part_time_base, settings.part_min_throughput)
+    verdict, job = store.begin_part(upload_id, part_number, generation, owner, time_limit=time_limit)
     if verdict == "recorded":
         return PartOutcome("already-recorded")
     if verdict in ("stale", "leased"):
@@ -58,17 +63,32 @@ def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generati
 def _send_part(ctx: UploaderContext, job: PartJob, generation: int) -> PartOutcome:
     store = ctx.checkpoint
     upload_id, part_number = job.upload_id, job.part_number
+    budget = ctx.settings.part_buffer_max
+    source_range: SourceRange | None = None
     try:
         source = open_source(job.source, ctx.settings.source_roots)
         expected = Fingerprint(size=job.size, mtime_ns=job.mtime_ns)
-        data = source.read_range(job.offset, job.length, expected, into=part_buffer(job.length))
+        if job.length <= budget:
+            # One read into the thread's reusable buffer, sent from it without a copy.
+            data: memoryview | RangeBody = source.read_range(
+                job.offset, job.length, expected, into=part_buffer(job.length)
+            )
+        else:
+            # More than this worker holds for one part (the request chose the part size, the
+            # worker its memory): checksummed, then sent, a chunk at a time through the thread's
+            # buffer, the file open (once) until the part is sent.
+            source_range = source.open_range(job.offset, job.length, expected)
+            data = RangeBody(source_range, part_buffer(stream_chunk_size(budget)))
     except (SourceError, SourceChanged) as exc:
         fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
-    if ctx.throttle is not None:
-        ctx.throttle.acquire(job.length)
     try:
+        if ctx.throttle is not None:
+            ctx.throttle.acquire(job.length)
         uploaded = ctx.objects.upload_part(job.bucket, job.key, job.mpu_id, part_number, data)
+    except (SourceError, SourceChanged) as exc:  # a streamed part's source changed meanwhile
+        fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
+        raise
     except PermanentStoreError as exc:
         current = store.get(upload_id)
         if current is None or current.state != "uploading" or current.mpu_id != job.mpu_id:
@@ -76,8 +96,21 @@ def _send_part(ctx: UploaderContext, job: PartJob, generation: int) -> PartOutco
             return PartOutcome(f"inactive:{current.state if current else 'missing'}", job.length)
         fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
+    finally:
+        if source_range is not None:
+            source_range.close()
     outcome = store.record_part(upload_id, job.mpu_id, part_number, uploaded, job.length)
     return PartOutcome(outcome, job.length)
+
+
+#: A part streamed in chunks (one larger than ``part_buffer_max``) is read this much at a time:
+#: enough that a GiB costs 128 reads per pass, little enough to leave most of the budget unused.
+STREAM_CHUNK = 8 * MiB
+
+
+def stream_chunk_size(budget: int) -> int:
+    """How much of a streamed part a thread holds at once, within its ``budget``."""
+    return max(1, min(budget, STREAM_CHUNK))
 
 
 _buffers = threading.local()
@@ -87,8 +120,10 @@ def part_buffer(length: int) -> memoryview:
     """``length`` bytes of this thread's reusable part buffer, as a writable view. Reusing one
     buffer keeps a worker's memory at about part size x threads: fresh multi-MiB buffers per part
     make glibc's per-thread arenas hold on to freed ones, and the process grows well past that.
-    A shorter part (an upload's last one) is a slice of the same buffer, not a second buffer; a
-    longer one replaces it, so a thread holds one buffer as large as the largest part it sent."""
+    A shorter part (an upload's last one, or a chunk of a streamed part) is a slice of the same
+    buffer, not a second buffer; a longer one replaces it, so a thread holds one buffer as large
+    as the largest part it read whole, which is at most ``part_buffer_max`` (larger parts are
+    streamed in chunks of :func:`stream_chunk_size`)."""
     buffer: bytearray | None = getattr(_buffers, "buffer", None)
     if buffer is None or len(buffer) < length:
         _buffers.buffer = None  # free the old one before allocating its replacement

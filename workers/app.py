@@ -9,17 +9,16 @@ the parts it was sending.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 
 from uploader.config import get_settings
 from uploader.context import default_context
-from uploader import contract
 from uploader.contract import celery_config
-from uploader.heartbeat import Heartbeat
+from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_process_name
+from workers.transport import broker_settings
 
 settings = get_settings()
 
@@ -37,51 +36,81 @@ app.conf.update(
     worker_concurrency=settings.worker_concurrency,
     worker_pool=settings.worker_pool,
     worker_hijack_root_logger=False,
-    # Run by one `uploader beat` per deployment (or `uploader worker --beat` on a single node).
-    beat_schedule_filename=os.path.join(tempfile.gettempdir(), "uploader-beat-schedule"),
-    beat_schedule={
-        "reconcile-stalled-uploads": {"task": contract.RECONCILE, "schedule": settings.reconcile_interval},
-        "janitor": {"task": contract.JANITOR, "schedule": settings.janitor_interval},
-    },
+)
+# Poison messages are quarantined, never allowed to stop a worker (workers/poison.py): each task
+# message is checked before Celery's strategy sees it, and the Redis transport is guarded against
+# list items kombu cannot read. Workers only: clients send through plain Celery and kombu.
+app.conf.update(
+    worker_consumer="workers.consumer:QuarantiningConsumer",
+    **broker_settings(app.conf.broker_url, app.conf.broker_use_ssl),
 )
 
 
-_heartbeat: Heartbeat | None = None
+class _Incarnation:
+    """This worker process start: its holder name (``<node name>#<random>``, unique per start,
+    see :mod:`uploader.checkpoint.heartbeat`), its heartbeat and its recovery loop. In a prefork
+    pool process, the pool process's own holder name."""
+
+    name: str | None = None
+    pool_process: str | None = None
+    heartbeat: Heartbeat | None = None
+    recovery: Any = None
 
 
-@worker_ready.connect
-def start_heartbeat(sender: Any = None, **_: Any) -> None:
-    """Lease in-flight parts to this worker for as long as it lives."""
-    global _heartbeat
-    _heartbeat = Heartbeat(default_context().checkpoint, sender.hostname, settings.worker_heartbeat_seconds)
-    _heartbeat.start()
-
-
-#: In a prefork pool process: the name its part leases are held under (see below).
-_pool_process_holder: str | None = None
+incarnation = _Incarnation()
 
 
 def lease_holder(hostname: str) -> str:
-    """The worker name a part lease taken by this process is held under: the worker's, or in a
-    prefork pool process that process's own."""
-    return _pool_process_holder or hostname
+    """The holder a part lease taken by this process is held under: the worker incarnation's
+    name, or in a prefork pool process that process's own."""
+    if incarnation.pool_process:
+        return incarnation.pool_process
+    if incarnation.name is None:
+        incarnation.name = incarnation_name(hostname)
+    return incarnation.name
+
+
+@celeryd_after_setup.connect
+def name_incarnation(sender: str = "", **_: Any) -> None:
+    """Name this start of the worker, before its prefork pool processes fork (they inherit it)."""
+    incarnation.name = incarnation_name(sender)
+
+
+@worker_ready.connect
+def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
+    """Lease in-flight parts to this incarnation for as long as it lives, and take part in the
+    fleet's recovery (one worker at a time leads it: see uploader.maintenance)."""
+    from uploader.maintenance import RecoveryLoop
+    from workers.tasks import dispatch
+
+    name = lease_holder(sender.hostname)
+    ctx = default_context()
+    incarnation.heartbeat = Heartbeat(ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True)
+    incarnation.heartbeat.start()
+    incarnation.recovery = RecoveryLoop(ctx, name, dispatch)
+    incarnation.recovery.start()
 
 
 @worker_process_init.connect
 def start_pool_process_heartbeat(sender: Any = None, **_: Any) -> None:
     """A prefork pool process holds its part leases under a name of its own
-    (``<worker>/pool-<pid>``) and keeps it alive with a heartbeat of its own. The process may die
-    while its worker lives (Celery terminates running tasks when the broker connection is lost,
-    and replaces the process): its leases then lapse with its heartbeat instead of looking held
-    by the live worker for ever, and leases its tasks could not release during a Redis outage are
-    released by its heartbeat, in the process that remembers them."""
-    global _pool_process_holder
-    holder = f"{sender}/pool-{os.getpid()}"
+    (``<incarnation>/pool-<pid>``) and keeps it alive with a heartbeat of its own. The process may
+    die while its worker lives (Celery terminates running tasks when the broker connection is
+    lost, and replaces the process): its leases then lapse with its heartbeat instead of looking
+    held by the live worker for ever, and leases its tasks could not release during a Redis
+    outage are released by its heartbeat, in the process that remembers them."""
+    if incarnation.name is None:  # named in celeryd_after_setup, before the pool forks
+        incarnation.name = incarnation_name(str(sender))
+    holder = pool_process_name(incarnation.name, os.getpid())
     Heartbeat(default_context().checkpoint, holder, settings.worker_heartbeat_seconds).start()
-    _pool_process_holder = holder
+    incarnation.pool_process = holder
 
 
 @worker_shutdown.connect
-def stop_heartbeat(**_: Any) -> None:
-    if _heartbeat is not None:
-        _heartbeat.stop()
+def stop_heartbeat_and_recovery(**_: Any) -> None:
+    if incarnation.recovery is not None:
+        incarnation.recovery.stop()
+    if incarnation.heartbeat is not None:
+        # Celery's warm shutdown has finished the running tasks by now: nothing of this
+        # incarnation holds a lease any more, so its name can go at once.
+        incarnation.heartbeat.stop(retire=True)

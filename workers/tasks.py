@@ -15,8 +15,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from uploader import completion, contract, maintenance, transfer
 from uploader.context import default_context
 from uploader.coordinator import Coordinator, Dispatch
-from uploader.errors import TransientStoreError
-from uploader.request import parse_request
+from uploader.errors import TransientStoreError, UploaderError
 from workers import fanout
 from workers.app import app, lease_holder
 
@@ -37,6 +36,11 @@ def dispatch(plan: Dispatch) -> None:
             ({"upload_id": upload_id, "part_number": n, "generation": generation} for n in plan.parts),
             body,
         )
+    elif plan.kind == "resend":
+        # Parts taken back from a dead or hung holder: no chord (the last part recorded
+        # triggers completion, and the dispatch whose chord these parts belonged to still has one).
+        for n in plan.parts:
+            upload_part.apply_async(kwargs={"upload_id": upload_id, "part_number": n, "generation": generation})
     elif plan.kind == "single":
         _put_here_or_enqueue(plan)
     elif plan.kind == "complete":
@@ -73,15 +77,18 @@ def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: st
     raise task.retry(exc=exc, countdown=countdown)
 
 
-@app.task(name=contract.START_UPLOAD, bind=True, max_retries=None)
+# ``throws``: a refusal or a failure the coordinator reported is the sender's answer, logged as
+# one line without a traceback.
+@app.task(name=contract.START_UPLOAD, bind=True, max_retries=None, throws=(UploaderError,))
 def start_upload(self: Any, **request: Any) -> str:
-    parsed = parse_request(request)
-    assert parsed.upload_id is not None
+    # A sender that names no upload id gets the start task's own id: stable across this task's
+    # retries, so a retried start continues the same upload instead of claiming another.
+    request.setdefault("upload_id", str(self.request.id).replace("-", ""))
     try:
-        Coordinator(default_context()).start(parsed, dispatch)
+        return Coordinator(default_context()).start_message(request, dispatch)
     except TransientStoreError as exc:
-        _retry_or_fail(self, exc, parsed.upload_id, "starting the upload")
-    return parsed.upload_id
+        _retry_or_fail(self, exc, str(request["upload_id"]), "starting the upload")
+        raise
 
 
 @app.task(name=contract.RESUME_UPLOAD, bind=True, max_retries=None)
@@ -146,8 +153,10 @@ def complete_upload(self: Any, upload_id: str, generation: int) -> str:
 
 @app.task(name=contract.RECONCILE)
 def reconcile() -> list[str]:
-    """Resume stalled uploads (lost messages, dead completers, chords that never fire)."""
-    return [plan.upload_id for plan in maintenance.reconcile(default_context(), dispatch)]
+    """One reconcile run now, on whichever worker receives it (the workers' recovery leader runs
+    one every UPLOADER_RECONCILE_INTERVAL anyway): parts of dead holders sent again, stalled and
+    transiently failed uploads resumed."""
+    return maintenance.reconcile(default_context(), dispatch).upload_ids
 
 
 @app.task(name=contract.JANITOR)

@@ -1,6 +1,6 @@
 """Scenario 1: a SIGKILL storm. Workers die at random during a multi-part upload and new ones
-take their place; nobody calls ``resume``: the stall reconciler under a real ``celery beat``
-re-dispatches the parts killed workers held once their heartbeat lapses."""
+take their place; nobody calls ``resume``: the workers' own recovery (one leads at a time) sends
+again the parts killed workers held once their heartbeat lapses."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.chaos.conftest import (
     worker_log_lines,
 )
 from tests.conftest import Stack
-from uploader.localstack import Beat, Worker
+from uploader.localstack import Worker
 from uploader.planner import MiB
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]
@@ -57,16 +57,10 @@ def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-u
         return worker
 
     pool = ThreadPoolExecutor(WORKERS + 1)
-    beat = None
     try:
-        # The first workers and the beat start side by side (each takes seconds on a busy machine).
-        firsts = [pool.submit(spawn, n, rng.choice([2, 3, 4])) for n in range(1, WORKERS + 1)]
-        beat_started = pool.submit(Beat, stack.workdir, stack.env)
-        try:
-            for f in firsts:
-                f.result()
-        finally:
-            beat = beat_started.result()
+        # The first workers start side by side (each takes seconds on a busy machine).
+        for f in [pool.submit(spawn, n, rng.choice([2, 3, 4])) for n in range(1, WORKERS + 1)]:
+            f.result()
         started = WORKERS
         bucket = stack.new_bucket()
         path = stack.make_file(SIZE)
@@ -107,8 +101,6 @@ def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-u
             )
     finally:
         pool.shutdown(wait=True)
-        if beat is not None:
-            beat.stop()
 
     report.fault("sigkill", len(killed))
     report.check_completed(stack, handle.upload_id, path, bucket, "storm.bin")

@@ -1,8 +1,8 @@
 """Scenario 3: Redis (broker, results and checkpoints) restarts mid-upload. It runs with an
 append-only file, as production should: SIGTERM makes it write the AOF and exit, and a new
-``redis-server`` on the same port and directory loads it. Workers, beat and the client reconnect;
-the upload must complete by itself, with the documented production setup (workers plus one
-``celery beat`` running the stall reconciler)."""
+``redis-server`` on the same port and directory loads it. Workers and the client reconnect;
+the upload must complete by itself, with the documented production setup (plain workers, whose
+recovery leader runs the stall reconciler)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from tests.chaos.conftest import (
     worker_log_lines,
 )
 from tests.conftest import Stack
-from uploader.localstack import Beat, RedisServer
+from uploader.checkpoint.store import Lease
+from uploader.localstack import RedisServer
 from uploader.planner import MiB
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]
@@ -71,12 +72,10 @@ def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
             **({"UPLOADER_REDIS_RECONNECT_ATTEMPTS": reconnect_attempts} if reconnect_attempts else {}),
         },
     )
-    beat = None
     handle = None
     restarts: list[dict[str, object]] = []
     try:
         stack.start_worker("aof", concurrency=2, pool=pool, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH))
-        beat = Beat(stack.workdir, stack.env)
         bucket = stack.new_bucket()
         path = stack.make_file(SIZE)
         handle = stack.uploader.submit(str(path), f"s3://{bucket}/aof.bin", part_size=PART)
@@ -108,7 +107,7 @@ def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
         except Stuck as exc:
             final = exc.status
             leases = inflight_leases(stack, upload_id)
-            owners = {holder.partition("|")[0] for holder in leases.values()}
+            owners = {Lease.parse(value).holder for value in leases.values()}
             live = stack.uploader.checkpoint.live_owners(owners)
             report.problem(
                 f"{exc}; in-flight leases {leases}, of which held by live workers: {sorted(live)}\n"
@@ -147,7 +146,5 @@ def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
                     stack.uploader.cancel(handle.upload_id, timeout=30)
             except Exception:  # noqa: BLE001 - best-effort cleanup
                 pass
-        if beat is not None:
-            beat.stop()
         stack.close()
         server.stop()

@@ -28,6 +28,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from uploader.checkpoint.connection import redis_client
 from uploader.objectstore import UploadedPart
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 RECONNECT_ATTEMPTS = 30
 #: The errors a Redis outage raises (and that a retry may outlast).
 REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+#: The longest error or refusal reason stored (characters); longer ones are cut.
+MAX_ERROR_CHARS = 2000
 
 STATES = ("creating", "uploading", "completing", "completed", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
@@ -153,6 +157,82 @@ class PartJob:
     length: int
 
 
+@dataclass(frozen=True)
+class PartTimeLimit:
+    """How long a part task may hold its part: ``base_seconds`` plus its length at
+    ``min_bytes_per_second``. Past that its lease is void, whatever its worker's heartbeat says,
+    and the part is sent again elsewhere (a read hung on a dead network filesystem, a socket
+    that never answers)."""
+
+    base_seconds: float
+    min_bytes_per_second: float
+
+    def seconds(self, length: int) -> float:
+        return self.base_seconds + length / self.min_bytes_per_second
+
+
+#: 60 s plus 128 KiB/s: 124 s for an 8 MiB part, 70 min for a 512 MiB one.
+DEFAULT_PART_TIME_LIMIT = PartTimeLimit(60.0, 128 * 1024)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A part lease as stored: ``"<holder>|<task id>|<deadline>"`` (see ``_shared.lua``)."""
+
+    owner: str
+    holder: str
+    deadline: float | None
+
+    @classmethod
+    def parse(cls, value: str) -> Lease:
+        holder, sep, rest = value.partition("|")
+        if not sep:
+            return cls(value, value, None)
+        task, _, deadline = rest.partition("|")
+        try:
+            until: float | None = float(deadline) if deadline else None
+        except ValueError:
+            until = None
+        return cls(f"{holder}|{task}", holder, until)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and self.deadline <= now
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request was refused before anything was created, and when (unix seconds)."""
+
+    reason: str
+    at: float
+    #: The class name of the error the coordinator raised (SourceError, InvalidRequest, ...).
+    kind: str = "UploadRefused"
+
+
+@dataclass(frozen=True)
+class RecoveryState:
+    """The fleet's recovery as the leader worker last noted it (times are unix seconds)."""
+
+    leader: str = ""
+    reconciled_at: float | None = None
+    janitor_at: float | None = None
+    reclaimed: int = 0
+    resumed: int = 0
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> RecoveryState:
+        def when(name: str) -> float | None:
+            return float(raw[name]) if raw.get(name) else None
+
+        return cls(
+            leader=raw.get("leader", ""),
+            reconciled_at=when("reconciled_at"),
+            janitor_at=when("janitor_at"),
+            reclaimed=int(raw.get("reclaimed") or 0),
+            resumed=int(raw.get("resumed") or 0),
+        )
+
+
 #: The longest wait between two automatic resumes of a transiently failed upload (seconds).
 AUTO_RESUME_MAX_WAIT = 3600
 
@@ -184,13 +264,24 @@ class CheckpointStore:
         self._unreleased_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "uploader", reconnect_attempts: int = RECONNECT_ATTEMPTS) -> CheckpointStore:
-        # Ride out a Redis restart (tens of seconds with a large AOF) instead of failing the task
-        # in hand: a part already on the server must still be recorded and its lease released,
-        # or the upload waits on a lease nobody will release. A retried script whose first run
-        # took effect answers as a duplicate would ("duplicate", "already", ...).
-        client = redis.Redis.from_url(
+    def from_url(
+        cls, url: str, *, prefix: str = "uploader", reconnect_attempts: int = RECONNECT_ATTEMPTS,
+        timeout: float | None = None, sentinel_master: str | None = None, sentinel_password: str | None = None,
+    ) -> CheckpointStore:
+        """A store on the Redis at ``url`` (``sentinel://`` URLs find the primary named
+        ``sentinel_master`` through the sentinels: see :mod:`uploader.checkpoint.connection`).
+        ``timeout``: seconds to connect and per command (an interactive client's), where a
+        worker waits as long as its reconnection attempts take."""
+        # Ride out a Redis restart (tens of seconds with a large AOF) or a Sentinel failover
+        # instead of failing the task in hand: a part already on the server must still be
+        # recorded and its lease released, or the upload waits on a lease nobody will release.
+        # A retried script whose first run took effect answers as a duplicate would
+        # ("duplicate", "already", ...).
+        client = redis_client(
             url,
+            sentinel_master=sentinel_master,
+            sentinel_password=sentinel_password,
+            timeout=timeout,
             decode_responses=True,
             health_check_interval=30,
             socket_keepalive=True,
@@ -198,6 +289,19 @@ class CheckpointStore:
             retry_on_error=list(REDIS_OUTAGE_ERRORS),
         )
         return cls(client, prefix=prefix)
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, reconnect_attempts: int | None = None, timeout: float | None = None) -> CheckpointStore:
+        """The store the settings name (``UPLOADER_CHECKPOINT_URL`` or the broker's, the key prefix,
+        the Sentinel primary)."""
+        return cls.from_url(
+            settings.effective_checkpoint_url,
+            prefix=settings.key_prefix,
+            reconnect_attempts=settings.redis_reconnect_attempts if reconnect_attempts is None else reconnect_attempts,
+            timeout=timeout,
+            sentinel_master=settings.redis_sentinel_master,
+            sentinel_password=settings.redis_sentinel_password_value,
+        )
 
     # -- keys ---------------------------------------------------------------------------------
     def record_key(self, upload_id: str) -> str:
@@ -210,11 +314,19 @@ class CheckpointStore:
     def index_key(self) -> str:
         return f"{self.prefix}:uploads"
 
+    def refusal_key(self, upload_id: str) -> str:
+        return f"{self.prefix}:refused:{upload_id}"
+
     def inflight_key(self, upload_id: str) -> str:
         return f"{self.prefix}:upload:{upload_id}:inflight"
 
-    def worker_key(self, owner: str) -> str:
-        return f"{self.prefix}:worker:{owner}"
+    def worker_key(self, holder: str) -> str:
+        return f"{self.prefix}:worker:{holder}"
+
+    @property
+    def workers_key(self) -> str:
+        """Sorted set of live worker incarnations, scored by when their heartbeat lapses."""
+        return f"{self.prefix}:workers"
 
     def _keys(self, upload_id: str) -> list[str]:
         return [self.record_key(upload_id), self.parts_key(upload_id), self.inflight_key(upload_id)]
@@ -223,6 +335,14 @@ class CheckpointStore:
     def get(self, upload_id: str) -> UploadRecord | None:
         raw = self.redis.hgetall(self.record_key(upload_id))
         return UploadRecord.from_hash(upload_id, raw) if raw else None
+
+    def get_with_recovery(self, upload_id: str) -> tuple[UploadRecord | None, RecoveryState]:
+        """The record and the fleet's recovery state, in one round trip (what ``status`` shows)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.record_key(upload_id))
+        pipe.hgetall(self.recovery_key)
+        raw, recovery = pipe.execute()
+        return (UploadRecord.from_hash(upload_id, raw) if raw else None), RecoveryState.from_hash(recovery)
 
     def parts(self, upload_id: str) -> dict[int, UploadedPart]:
         """Recorded parts by number."""
@@ -233,22 +353,27 @@ class CheckpointStore:
             out[int(number)] = UploadedPart(etag=data["etag"], checksum=data["checksum"])
         return out
 
-    def missing_parts(self, upload_id: str, part_count: int) -> tuple[list[int], list[int]]:
+    def missing_parts(self, upload_id: str, part_count: int, *, now: float | None = None) -> tuple[list[int], list[int]]:
         """Parts not recorded, split into ``(unleased, leased)``: a leased part is being sent by a
-        worker whose heartbeat is alive, so dispatching it again would only duplicate it."""
+        live holder within its time limit, so dispatching it again would only duplicate it."""
+        now = time.time() if now is None else now
         pipe = self.redis.pipeline(transaction=False)
         pipe.hkeys(self.parts_key(upload_id))
         pipe.hgetall(self.inflight_key(upload_id))
         recorded_raw, inflight = pipe.execute()
         recorded = {int(n) for n in recorded_raw}
-        workers = {n: owner.partition("|")[0] for n, owner in inflight.items()}
-        live = self.live_owners(set(workers.values()))
-        leased = {int(n) for n, worker in workers.items() if worker in live}
+        leases = {int(n): Lease.parse(value) for n, value in inflight.items()}
+        live = self.live_owners({lease.holder for lease in leases.values()})
+        leased = {n for n, lease in leases.items() if lease.holder in live and not lease.expired(now)}
         missing = [n for n in range(1, part_count + 1) if n not in recorded]
         return [n for n in missing if n not in leased], [n for n in missing if n in leased]
 
+    def leases(self, upload_id: str) -> dict[int, Lease]:
+        """The in-flight part leases of an upload, holding or not, by part number."""
+        return {int(n): Lease.parse(v) for n, v in self.redis.hgetall(self.inflight_key(upload_id)).items()}
+
     def live_owners(self, owners: set[str]) -> set[str]:
-        """The worker names in ``owners`` whose heartbeat has not expired."""
+        """The lease holders in ``owners`` whose heartbeat has not expired."""
         owners = {o for o in owners if o}
         if not owners:
             return set()
@@ -258,9 +383,56 @@ class CheckpointStore:
             pipe.exists(self.worker_key(owner))
         return {owner for owner, alive in zip(ordered, pipe.execute()) if alive}
 
-    def heartbeat(self, owner: str, ttl: int) -> None:
-        """Declare worker ``owner`` alive for ``ttl`` seconds (its in-flight parts stay leased)."""
-        self.redis.set(self.worker_key(owner), "1", ex=ttl)
+    def heartbeat(self, holder: str, ttl: int, *, worker: bool = False) -> None:
+        """Declare ``holder`` alive for ``ttl`` seconds (its part leases keep holding). A
+        ``worker`` (a worker incarnation's main process, not a prefork pool process) is also
+        counted in :meth:`live_workers`."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.worker_key(holder), "1", ex=ttl)
+        if worker:
+            now = time.time()
+            pipe.zadd(self.workers_key, {holder: now + ttl})
+            pipe.zremrangebyscore(self.workers_key, "-inf", now)
+        pipe.execute()
+
+    def retire(self, holder: str) -> None:
+        """``holder`` stops (a clean shutdown): its leases lapse now instead of after its TTL."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self.worker_key(holder))
+        pipe.zrem(self.workers_key, holder)
+        pipe.execute()
+
+    def live_workers(self, *, now: float | None = None) -> list[str]:
+        """The worker incarnations whose heartbeat is alive now."""
+        now = time.time() if now is None else now
+        return list(self.redis.zrangebyscore(self.workers_key, now, "+inf"))
+
+    # -- recovery (see uploader.maintenance) ---------------------------------------------------
+    @property
+    def recovery_key(self) -> str:
+        return f"{self.prefix}:recovery"
+
+    def recovery(self) -> RecoveryState:
+        """When the fleet's recovery (reconciler, janitor) last ran, and on which worker."""
+        return RecoveryState.from_hash(self.redis.hgetall(self.recovery_key))
+
+    def note_recovery(self, **fields: str | float | int) -> None:
+        self.redis.hset(self.recovery_key, mapping={k: str(v) for k, v in fields.items()})
+
+    def leader_key(self, role: str) -> str:
+        return f"{self.prefix}:leader:{role}"
+
+    def claim_leadership(self, role: str, holder: str, seconds: float) -> bool:
+        """Take or renew ``role`` for ``holder`` for ``seconds``; whether ``holder`` holds it now.
+        At most one holder holds a role at a time; when it stops renewing, another takes it
+        over once the lease lapses."""
+        return bool(self._run("claim_leadership", [self.leader_key(role)], [holder, int(seconds * 1000)]))
+
+    def resign_leadership(self, role: str, holder: str) -> None:
+        self._run("resign_leadership", [self.leader_key(role)], [holder])
+
+    def leader(self, role: str) -> str | None:
+        return self.redis.get(self.leader_key(role))
 
     def list_ids(self, limit: int = 100) -> list[str]:
         """Most recent upload ids first; ids whose checkpoint expired are pruned from the index."""
@@ -296,7 +468,7 @@ class CheckpointStore:
         args: list[Any] = [upload_id, time.time(), token, lease_seconds]
         for name, value in fields.items():
             args += [name, _encode(value)]
-        result = self._run("claim_upload", [self.record_key(upload_id), self.index_key], args)
+        result = self._run("claim_upload", [self.record_key(upload_id), self.index_key, self.refusal_key(upload_id)], args)
         if result[0] != "created":
             return False, result[1]
         if not token:
@@ -304,19 +476,52 @@ class CheckpointStore:
         flat = result[1]
         return True, UploadRecord.from_hash(upload_id, dict(zip(flat[::2], flat[1::2])))
 
+    def refuse(self, upload_id: str, reason: str, keep_seconds: int, kind: str = "UploadRefused") -> bool:
+        """Note why a request for ``upload_id`` was refused before anything was created (kept
+        ``keep_seconds``; ``kind`` is the error's class name); nothing is noted, and False
+        returned, when a record exists under it."""
+        return bool(self._run(
+            "refuse_upload", [self.record_key(upload_id), self.refusal_key(upload_id)],
+            [reason[:MAX_ERROR_CHARS], time.time(), keep_seconds, kind],
+        ))
+
+    def refusal(self, upload_id: str) -> Refusal | None:
+        raw = self.redis.hgetall(self.refusal_key(upload_id))
+        if not raw:
+            return None
+        return Refusal(raw.get("reason", ""), float(raw.get("at") or 0), raw.get("kind") or "UploadRefused")
+
     def attach_multipart(self, upload_id: str, mpu_id: str) -> str:
         return self._run("attach_multipart", [self.record_key(upload_id)], [mpu_id, time.time()])
 
     def discard(self, upload_id: str) -> str:
         return self._run("discard_upload", [*self._keys(upload_id), self.index_key], [upload_id])
 
-    def begin_part(self, upload_id: str, part_number: int, generation: int, owner: str) -> tuple[str, PartJob | str]:
+    def begin_part(
+        self,
+        upload_id: str,
+        part_number: int,
+        generation: int,
+        owner: str,
+        *,
+        time_limit: PartTimeLimit = DEFAULT_PART_TIME_LIMIT,
+        now: float | None = None,
+    ) -> tuple[str, PartJob | str]:
         """``("send", job)``, ``("recorded", "")``, ``("stale", "")``, ``("leased", "")`` or
-        ``("inactive", state)``. ``owner`` is ``"<worker name>|<task id>"``.
+        ``("inactive", state)``. ``owner`` is ``"<holder>|<task id>"``, the holder a worker
+        incarnation (see :mod:`uploader.checkpoint.heartbeat`).
 
+        The lease taken holds while the holder's heartbeat lives, and at most for the part's
+        ``time_limit`` (a hung task's part is taken back by :meth:`reclaim_parts`).
         A part number outside the current plan (the script's ``unplanned``) answers ``stale``:
         the message does not belong to this plan, and the caller skips it."""
-        result = self._run("begin_part", self._keys(upload_id), [part_number, generation, owner, self.worker_key("")])
+        now = time.time() if now is None else now
+        result = self._run(
+            "begin_part",
+            self._keys(upload_id),
+            [part_number, generation, owner, self.worker_key(""), time_limit.base_seconds, now,
+             time_limit.min_bytes_per_second],
+        )
         if result[0] == "unplanned":
             return "stale", ""
         if result[0] != "send":
@@ -325,6 +530,17 @@ class CheckpointStore:
         return "send", PartJob(
             upload_id, part_number, mpu_id, source, bucket, key, int(size), int(mtime_ns), int(offset), int(length)
         )
+
+    def reclaim_parts(self, upload_id: str, *, now: float | None = None) -> tuple[int, list[int]]:
+        """Take back the leases of an ``uploading`` upload whose holder died or whose time limit
+        passed: ``(generation, part numbers)`` for the caller to send again (no parts when the
+        upload is not uploading or every lease holds)."""
+        now = time.time() if now is None else now
+        result = self._run("reclaim_parts", [self.record_key(upload_id), self.inflight_key(upload_id)],
+                           [self.worker_key(""), now])
+        if not result:
+            return 0, []
+        return int(result[0]), sorted(int(n) for n in result[1:])
 
     def release_part(self, upload_id: str, part_number: int, owner: str) -> None:
         self._run("release_part", [self.inflight_key(upload_id)], [part_number, owner])
@@ -384,13 +600,13 @@ class CheckpointStore:
         return self._run(
             "mark_failed",
             [self.record_key(upload_id)],
-            [reason[:2000], time.time(), generation, auto_resumes, backoff, AUTO_RESUME_MAX_WAIT],
+            [reason[:MAX_ERROR_CHARS], time.time(), generation, auto_resumes, backoff, AUTO_RESUME_MAX_WAIT],
         )
 
     def note_error(self, upload_id: str, message: str) -> bool:
         """Record ``message`` as the upload's error (no state change); a failed upload is then
         not resumed automatically any more. False if the record is gone."""
-        return bool(self._run("note_error", [self.record_key(upload_id)], [message[:2000], time.time()]))
+        return bool(self._run("note_error", [self.record_key(upload_id)], [message[:MAX_ERROR_CHARS], time.time()]))
 
     def claim_auto_resume(self, upload_id: str, limit: int, backoff: int, *, now: float | None = None) -> int:
         """Claim the automatic resume that is due for a transiently failed upload: its number

@@ -19,3 +19,25 @@ end
 local function next_resume_at(now, made, first_wait, longest_wait)
   return now + math.min(tonumber(first_wait) * 2 ^ made, tonumber(longest_wait))
 end
+
+-- A part lease is "<holder>|<task id>|<deadline>": the worker incarnation (or prefork pool
+-- process) sending the part, the task, and the unix time after which the lease is void even
+-- though its holder lives (a task hung in a read or a socket must not hold its part for ever).
+-- Returns the lease's owner ("<holder>|<task id>"), its holder, and its deadline (nil if none).
+local function parse_lease(value)
+  local holder, task, deadline = string.match(value, "^([^|]*)|([^|]*)|?(.*)$")
+  if not holder then
+    return value, value, nil
+  end
+  return holder .. "|" .. task, holder, tonumber(deadline)
+end
+
+-- Whether lease ``value`` still holds at ``now``: its deadline has not passed and its holder's
+-- heartbeat key (``worker_prefix .. holder``) exists.
+local function lease_holds(value, worker_prefix, now)
+  local _, holder, deadline = parse_lease(value)
+  if deadline and deadline <= tonumber(now) then
+    return false
+  end
+  return redis.call("EXISTS", worker_prefix .. holder) == 1
+end

@@ -1,6 +1,8 @@
 -- A part task announces it is about to send part ARGV[1] for dispatch generation ARGV[2].
--- ARGV[3] is the lease holder "<worker>|<task id>"; the lease lives as long as the worker's
--- heartbeat key ARGV[4] .. "<worker>".
+-- ARGV[3] is the lease owner "<holder>|<task id>" (the holder is a worker incarnation or a
+-- prefork pool process); the lease lives as long as the holder's heartbeat key ARGV[4] .. "<holder>",
+-- and at most ARGV[5] seconds plus the part's length over ARGV[7] bytes per second (its time
+-- limit: see parse_lease) from ARGV[6], now.
 -- KEYS[1] record, KEYS[2] parts, KEYS[3] in-flight leases.
 -- Returns {"send", mpu_id, source, bucket, key, size, mtime_ns, offset, length} (and counts the
 -- bytes as sent: one round trip gives the part task everything it needs), {"recorded"} when the
@@ -23,18 +25,16 @@ end
 if redis.call("HEXISTS", KEYS[2], ARGV[1]) == 1 then
   return {"recorded"}
 end
-local holder = redis.call("HGET", KEYS[3], ARGV[1])
-if holder and holder ~= ARGV[3] then
-  local worker = string.match(holder, "^(.*)|")
-  if worker and redis.call("EXISTS", ARGV[4] .. worker) == 1 then
-    return {"leased"}
-  end
+local lease = redis.call("HGET", KEYS[3], ARGV[1])
+if lease and parse_lease(lease) ~= ARGV[3] and lease_holds(lease, ARGV[4], ARGV[6]) then
+  return {"leased"}
 end
 local f = redis.call("HMGET", KEYS[1], "mpu_id", "source", "bucket", "key", "size", "mtime_ns", "part_size")
 local size, part_size = tonumber(f[5]), tonumber(f[7])
 local offset = (number - 1) * part_size
 local length = math.min(part_size, size - offset)
-redis.call("HSET", KEYS[3], ARGV[1], ARGV[3])
+local deadline = tonumber(ARGV[6]) + tonumber(ARGV[5]) + length / tonumber(ARGV[7])
+redis.call("HSET", KEYS[3], ARGV[1], ARGV[3] .. "|" .. string.format("%.3f", deadline))
 redis.call("HINCRBY", KEYS[1], "parts_sent", 1)
 redis.call("HINCRBY", KEYS[1], "bytes_sent", length)
 return {"send", f[1], f[2], f[3], f[4], f[5], f[6], tostring(offset), tostring(length)}

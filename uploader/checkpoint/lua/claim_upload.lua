@@ -3,7 +3,8 @@
 -- taken (ARGV[3] the lease token): the record attach_multipart("") and begin_completion would make
 -- of it next, in this one round trip, so that its coordinator sends the object at once (those two
 -- round trips and a read were a third of a small upload's latency).
--- KEYS[1] record hash, KEYS[2] index zset. ARGV[1] upload id, ARGV[2] now, ARGV[3] lease token
+-- A refusal noted earlier under the same upload id (refuse_upload.lua) is dropped.
+-- KEYS[1] record hash, KEYS[2] index zset, KEYS[3] refusal hash. ARGV[1] upload id, ARGV[2] now, ARGV[3] lease token
 -- ("" for none), ARGV[4] lease seconds, ARGV[5..] field/value pairs.
 -- Returns {"created"}, {"created", <the record as a field/value list>} when leased, or {"exists", state}.
 local state = redis.call("HGET", KEYS[1], "state")
@@ -16,6 +17,7 @@ for i = 5, #ARGV, 2 do
   redis.call("HSET", KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call("ZADD", KEYS[2], ARGV[2], ARGV[1])
+redis.call("DEL", KEYS[3])
 if ARGV[3] == "" then
   return {"created"}
 end
