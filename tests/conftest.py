@@ -28,6 +28,7 @@ from celery import Celery
 
 import hypothesis.internal.observability  # noqa: F401  (imported before worker threads exist: CPython 3.11.7 ast bug)
 
+from tests.faultproxy import FaultProxy
 from uploader import Uploader, UploadNotFound
 from uploader.checkpoint import CheckpointStore
 from uploader.client import UploadHandle, UploadStatus
@@ -240,6 +241,14 @@ def make_stack(workdir: Path, redis_server: RedisServer, seaweed: SeaweedS3, sou
     yield factory
     for stack in stacks:
         stack.close()
+
+
+@pytest.fixture
+def proxy(seaweed: SeaweedS3) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session's SeaweedFS (no faults until told)."""
+    fault_proxy = FaultProxy(seaweed.endpoint_url)
+    yield fault_proxy
+    fault_proxy.close()
 
 
 @pytest.fixture

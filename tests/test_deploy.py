@@ -202,7 +202,9 @@ def test_compose_interpolations_all_have_defaults() -> None:
 
 def test_compose_services() -> None:
     services = load_compose()["services"]
-    assert set(services) == {"redis", "seaweedfs", "worker", "flower"}  # no beat: nothing is scheduled
+    # No beat or scheduler: recovery (reconciler, automatic resumes, janitor) runs inside
+    # `uploader worker` under a leader lease (tests/test_fleet.py runs that very command).
+    assert set(services) == {"redis", "seaweedfs", "worker", "flower"}
 
     redis = services["redis"]
     assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
@@ -533,3 +535,18 @@ def test_uploader_worker_command_exists() -> None:
     code = "import sys\nfrom uploader.cli import main\nsys.argv = ['uploader', 'worker', '--help']\nmain()"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_recovery_needs_no_process_of_its_own() -> None:
+    """Every shipped deployment runs recovery because its workers do: no file starts a beat or
+    scheduler, the docs say so, and the worker process starts the recovery loop itself."""
+    texts = [COMPOSE_FILE.read_text(), *(f.read_text() for f in K8S_FILES), DOCKERFILE.read_text()]
+    for text in texts:
+        assert not re.search(r"\bbeat\b", text), "a deployment file mentions a beat process"
+    readme = README.read_text()
+    assert "There is no beat/scheduler process to remember" in readme and "UPLOADER_LEADER_LEASE_SECONDS" in readme
+    import workers.app as worker_app
+    from celery.signals import worker_ready
+
+    receivers = [ref() for _, ref in worker_ready.receivers]
+    assert worker_app.start_heartbeat_and_recovery in receivers

@@ -4,7 +4,6 @@ keeping the uploaded parts for resume unless the request asked to abort."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,13 +15,6 @@ from uploader.localstack import wait_until
 from uploader.planner import MiB
 
 PART = 5 * MiB
-
-
-@pytest.fixture
-def proxy(seaweed) -> Iterator[FaultProxy]:  # type: ignore[no-untyped-def]
-    fault_proxy = FaultProxy(seaweed.endpoint_url)
-    yield fault_proxy
-    fault_proxy.close()
 
 
 @pytest.mark.parametrize("fault", ["503", "500", "reset"])

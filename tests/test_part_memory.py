@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.procstat import reset_peak_rss
 from tests.conftest import Stack, s3_client, sha256_file
 from uploader.checksums import checksum_b64, checksums_b64, md5_b64_to_etag
 from uploader.config import Settings
@@ -396,16 +397,6 @@ def _kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for pid {pid}")
 
 
-def _reset_peak_rss(pid: int) -> bool:
-    """VmHWM back to the current RSS (``/proc/<pid>/clear_refs``), where allowed."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.timeout(600)
 def test_a_workers_peak_memory_is_bounded_by_its_budget_not_by_the_part_size(make_stack) -> None:  # type: ignore[no-untyped-def]
     """4 threads sending 64 MiB parts at once: the old code held 4 x 64 MiB = 256 MiB of part
@@ -420,7 +411,7 @@ def test_a_workers_peak_memory_is_bounded_by_its_budget_not_by_the_part_size(mak
     warm.unlink()
     path = stack.make_file(concurrency * part_size)
     base_kib = _kib(worker.pid, "VmRSS")
-    reset = _reset_peak_rss(worker.pid)
+    reset = reset_peak_rss(worker.pid)
     before_hwm = _kib(worker.pid, "VmHWM")
     status = stack.uploader.submit(str(path), f"s3://{bucket}/big", part_size=part_size).wait(timeout=300)
     peak_kib = _kib(worker.pid, "VmHWM")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,13 +22,6 @@ from uploader.objectstore import store_error
 from uploader.planner import MiB
 
 PART = 5 * MiB
-
-
-@pytest.fixture
-def proxy(seaweed) -> Iterator[FaultProxy]:  # type: ignore[no-untyped-def]
-    fault_proxy = FaultProxy(seaweed.endpoint_url)
-    yield fault_proxy
-    fault_proxy.close()
 
 
 def _cli(stack: Stack, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -193,3 +185,22 @@ def test_ctrl_c_while_waiting_says_the_upload_goes_on(make_stack) -> None:  # ty
     assert proc.returncode == ExitCode.INTERRUPTED, err
     assert "goes on" in err and f"uploader watch {upload_id}" in err and "Traceback" not in err
     wait_until(lambda: stack.uploader.status(upload_id).state == "completed", 120, "the upload to go on and complete")
+
+
+def test_with_s3_unreachable_submit_says_so_in_seconds(make_stack) -> None:  # type: ignore[no-untyped-def]
+    """The workers cannot reach S3 (a wrong endpoint, a network down): the coordinator retries,
+    and `submit` says so within its accept timeout, naming the setting, instead of a bare
+    "is a worker running?"."""
+    stack: Stack = make_stack()
+    stack.start_worker("nos3", concurrency=2, UPLOADER_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    path = stack.make_file(1000)
+    started = time.monotonic()
+    result = _cli(stack, "submit", str(path), "s3://some-bucket/k", "--accept-timeout", "8")
+    assert time.monotonic() - started < 20
+    assert result.returncode == ExitCode.UNAVAILABLE, result
+    line = _one_line_error(result)
+    assert "UPLOADER_S3_ENDPOINT_URL" in line, line
+    # Once the coordinator gives up, status says why (nothing was created to resume).
+    upload_id = result.stdout.strip()
+    status = stack.wait_status(upload_id, lambda s: s.state == "refused", 60, "the start to give up")
+    assert "not started" in status.error and "EndpointConnectionError" in status.error

@@ -26,6 +26,7 @@ from uploader.errors import (
     NoWorkers,
     SourceChanged,
     SourceError,
+    TransientStoreError,
     Unreachable,
     UploadCancelled,
     UploadConflict,
@@ -52,7 +53,7 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 3
     #: Gave up waiting (--timeout, or no worker accepted the request in time).
     TIMED_OUT = 4
-    #: Redis / the broker unreachable, or no worker alive: check the named setting.
+    #: Redis, the broker or S3 unreachable, or no worker alive: check the named setting.
     UNAVAILABLE = 5
     #: The upload was cancelled.
     CANCELLED = 6
@@ -65,8 +66,9 @@ _EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (UploadFailed, ExitCode.FAILED),
     (UploadCancelled, ExitCode.CANCELLED),
     (UploadNotFound, ExitCode.NOT_FOUND),
-    ((Unreachable), ExitCode.UNAVAILABLE),
+    (Unreachable, ExitCode.UNAVAILABLE),
     (NoWorkers, ExitCode.UNAVAILABLE),
+    (TransientStoreError, ExitCode.UNAVAILABLE),  # S3 kept failing (unreachable, throttling)
     (InvalidRequest, ExitCode.REFUSED),
     (UploadRefused, ExitCode.REFUSED),
     (SourceError, ExitCode.REFUSED),
@@ -159,23 +161,25 @@ def main() -> None:
 def submit(source: str, destination: str, wait_: bool, timeout: float | None, accept_timeout: float | None, **options: Any) -> None:
     """Upload SOURCE (an absolute path the workers can read) to DESTINATION (s3://bucket/key).
 
-    Waits until a worker accepts the request (or refuses it: the reason, exit status 2), then
-    prints the upload id."""
+    Prints the upload id (on stdout, as soon as the request is sent), then waits until a worker
+    accepts the request: a refusal is the reason on stderr and exit status 2 (``status ID`` says
+    it again for a day)."""
     up = _uploader()
     handle = up.submit(source, destination, **{k: v for k, v in options.items() if v not in (None, False)})
+    click.echo(handle.upload_id)
     wait_accept = up.settings.submit_accept_timeout if accept_timeout is None else accept_timeout
     if wait_accept:
         try:
             handle.accepted(wait_accept)
-        except TimeoutError:
-            click.echo(handle.upload_id)
+        except Unreachable as exc:  # a worker took it and is retrying: it says what it cannot reach
+            _fail(f"upload {handle.upload_id}: {exc}; it goes on retrying", ExitCode.UNAVAILABLE)
+        except TimeoutError:  # no worker took it at all
             _fail(
                 f"upload {handle.upload_id} was not accepted within {wait_accept:g} s: is a worker running "
                 "(uploader worker) on the same UPLOADER_BROKER_URL? The request stays queued; watch it with "
                 f"`uploader watch {handle.upload_id}`",
                 ExitCode.TIMED_OUT,
             )
-    click.echo(handle.upload_id)
     if wait_:
         _follow(up, handle.upload_id, timeout, start=handle.start)
 
@@ -197,7 +201,9 @@ def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = No
     if last is None or last.state != "completed":
         state = last.state if last else "unknown"
         reason = f": {last.error}" if last is not None and last.error else ""
-        code = {"cancelled": ExitCode.CANCELLED, "refused": ExitCode.REFUSED}.get(state, ExitCode.FAILED)
+        code = {"cancelled": ExitCode.CANCELLED, "failed": ExitCode.FAILED}.get(state, ExitCode.FAILED)
+        if last is not None and state == "refused":
+            code = exit_code(last.refusal_error())  # refused (2), or not started for want of S3 (5)
         _fail(f"upload {upload_id} ended {state}{reason}", code)
         return
     console.print(f"[green]completed[/green] s3://{last.bucket}/{last.key} {last.final_etag} (verified: {last.verified})")
@@ -220,6 +226,9 @@ def status(upload_id: str, as_json: bool) -> None:
 
 
 def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
+    if st.state == "refused":
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.finished or st.created))
+        return [("upload id", st.upload_id), ("state", f"refused at {when}"), ("error", st.error)]
     rows = [
         ("upload id", st.upload_id),
         ("state", st.state),
@@ -368,7 +377,7 @@ def _dead_letters(action: Callable[[Any], Any]) -> Any:
     from uploader.checkpoint.deadletter import DeadLetters
 
     up = _uploader()
-    with up._reaching():
+    with up.reaching():
         return action(DeadLetters(up.checkpoint.redis, prefix=up.settings.key_prefix))
 
 

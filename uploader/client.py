@@ -166,7 +166,7 @@ class Uploader:
         return cls(get_settings(), interactive=interactive)
 
     @contextmanager
-    def _reaching(self) -> Iterator[None]:
+    def reaching(self) -> Iterator[None]:
         """Redis and broker errors as :class:`Unreachable`, with the setting that names them."""
         try:
             yield
@@ -201,7 +201,7 @@ class Uploader:
         bucket, key = parse_s3_url(destination)
         request = parse_request({"source": source, "bucket": bucket, "key": key, **options})
         kwargs = request.model_dump(exclude_none=True)
-        with self._reaching():
+        with self.reaching():
             result = self.celery.send_task(contract.START_UPLOAD, kwargs=kwargs)
         handle = UploadHandle(self, kwargs["upload_id"], result)
         if accept_timeout:
@@ -218,7 +218,7 @@ class Uploader:
 
     def live_workers(self) -> list[str]:
         """The worker incarnations alive now (their heartbeats)."""
-        with self._reaching():
+        with self.reaching():
             return self.checkpoint.live_workers()
 
     def resume(
@@ -239,7 +239,7 @@ class Uploader:
         on the server, give the original ``source``, ``destination`` and ``options`` (at least the
         same ``part_size`` if one was given): the checkpoint is rebuilt from ListParts, keeping
         every part whose size and MD5 match the source, and only the rest is sent."""
-        with self._reaching():
+        with self.reaching():
             exists = self.checkpoint.get(upload_id) is not None
         if not exists:
             if source is None or destination is None:
@@ -259,7 +259,7 @@ class Uploader:
                 "parts": (record.part_count - found) if record is not None else 0,
                 "reason": f"checkpoint rebuilt; {found} parts found on the server",
             }
-        with self._reaching():
+        with self.reaching():
             result = self.celery.send_task(contract.RESUME_UPLOAD, kwargs={"upload_id": upload_id, "restart": restart})
             return _task_outcome(result, timeout)
 
@@ -268,21 +268,21 @@ class Uploader:
         status = self.status(upload_id)
         if status.state == "refused":
             raise UploadNotFound(f"upload {upload_id} was refused ({status.error}); there is nothing to cancel")
-        with self._reaching():
+        with self.reaching():
             result = self.celery.send_task(contract.CANCEL_UPLOAD, kwargs={"upload_id": upload_id})
             return _task_outcome(result, timeout)
 
     def janitor(self, *, dry_run: bool = False, timeout: float = 120) -> list[dict[str, str]]:
         """Run the janitor now on a worker (clients hold no S3 credentials): the abandoned uploads
         it removed (or, ``dry_run``, would remove)."""
-        with self._reaching():
+        with self.reaching():
             result = self.celery.send_task(contract.JANITOR, kwargs={"dry_run": dry_run})
             return _task_outcome(result, timeout)
 
     def list(self, limit: int = 100) -> list[UploadStatus]:
         """The most recent uploads, newest first."""
         out = []
-        with self._reaching():
+        with self.reaching():
             for upload_id in self.checkpoint.list_ids(limit):
                 record = self.checkpoint.get(upload_id)
                 if record is not None:
@@ -353,7 +353,7 @@ class Uploader:
     def _poll(self, upload_id: str, start: AsyncResult | None) -> UploadStatus | None:
         """The status now; None while the request waits for a coordinator; the start task's error
         if it refused the request before noting anything."""
-        with self._reaching():
+        with self.reaching():
             record, recovery = self.checkpoint.get_with_recovery(upload_id)
             if record is not None:
                 return UploadStatus.from_record(
@@ -420,7 +420,7 @@ class UploadHandle:
     def accepted(self, timeout: float = 60) -> str:
         """Wait for the coordinator to accept the request; raises its error if it refused, and
         :class:`TimeoutError` if no worker answered within ``timeout``."""
-        with self.uploader._reaching():
+        with self.uploader.reaching():
             return _task_outcome(self.start, timeout)
 
     def resume(self, **kwargs: Any) -> dict[str, Any]:
@@ -446,8 +446,14 @@ def _task_outcome(result: AsyncResult, timeout: float) -> Any:
     try:
         value = result.get(timeout=timeout, propagate=False)
     except CeleryTimeoutError:
+        if result.state == "RETRY":
+            # A worker took the task and is retrying it: what it cannot reach is the answer.
+            raise Unreachable(
+                f"no answer within {timeout:g} s: the worker is retrying after {_first_line(result.info)} "
+                "(S3 unreachable or refusing: check UPLOADER_S3_ENDPOINT_URL and the workers' network)"
+            ) from None
         raise TimeoutError(
-            f"no worker answered within {timeout} s: is a worker running (uploader worker) "
+            f"no worker answered within {timeout:g} s: is a worker running (uploader worker) "
             "and connected to the same broker?"
         ) from None
     if result.failed():

@@ -88,6 +88,14 @@ class Coordinator:
         log.warning("upload %s %s", upload_id, reason)
         self.store.refuse(upload_id, reason, self.settings.refusal_retention_seconds, type(exc).__name__)
 
+    def note_abandoned_start(self, upload_id: str, exc: UploaderError, reason: str) -> None:
+        """A start that gave up (its retries spent) before it created anything: note why under
+        the upload id, as a refusal (nothing exists to resume; submitting it again starts it)."""
+        if valid_upload_id(upload_id):
+            self.store.refuse(
+                upload_id, f"not started: {reason}", self.settings.refusal_retention_seconds, type(exc).__name__
+            )
+
     def start(self, request: UploadRequest, dispatch: Dispatcher) -> Dispatch:
         """Validate the source, plan, create the multipart upload and dispatch every part.
 

@@ -159,6 +159,7 @@ class SeaweedS3(_Process):
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+        self.master_url = f"http://127.0.0.1:{ports['master']}"
         argv = [
             weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
@@ -174,6 +175,13 @@ class SeaweedS3(_Process):
         ]
         super().__init__(argv, workdir / "seaweedfs.log", cwd=data)
         wait_until(self._ready, 60, f"SeaweedFS S3 on port {self.port}", interval=0.2)
+
+    def vacuum(self, garbage_threshold: float = 0.01) -> None:
+        """Compact the volumes now: space of deleted objects is given back only by a vacuum
+        (the master runs one by itself only every few minutes)."""
+        url = f"{self.master_url}/vol/vacuum?garbageThreshold={garbage_threshold}"
+        with urllib.request.urlopen(url, timeout=600) as response:
+            response.read()
 
     def _ready(self) -> bool:
         if not self.alive():

@@ -52,7 +52,51 @@ class ListedPart:
     size: int
 
 
-class BodyView:
+class _RequestBody:
+    """The file-object surface botocore and urllib3 use of a request body: read-only, seekable
+    (botocore rewinds a body for a retry and measures it for ``Content-Length`` with seek/tell),
+    ``len()`` the bytes left from the position. Subclasses have ``read`` and ``_size``."""
+
+    _pos: int
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+    def read(self, size: int | None = -1) -> memoryview:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return max(0, self._size() - self._pos)
+
+    def readinto(self, target: bytearray | memoryview) -> int:
+        chunk = self.read(len(memoryview(target)))
+        memoryview(target).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size()}
+        if whence not in bases:
+            raise ValueError(f"invalid whence {whence!r}")
+        base = bases[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass  # the buffer or source range belongs to the caller, who releases it after the request
+
+
+class BodyView(_RequestBody):
     """A read-only, seekable file object over a buffer (bytes, bytearray, memoryview) that never
     copies it: ``read`` returns memoryview slices of the buffer.
 
@@ -80,8 +124,8 @@ class BodyView:
         self._view = memoryview(data).cast("B")
         self._pos = 0
 
-    def __len__(self) -> int:
-        return len(self._view) - self._pos
+    def _size(self) -> int:
+        return len(self._view)
 
     def __repr__(self) -> str:  # botocore's debug log prints request params
         return f"<BodyView {len(self._view)} bytes at {self._pos}>"
@@ -91,33 +135,6 @@ class BodyView:
         end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
         self._pos = max(start, end)
         return self._view[start : self._pos]
-
-    def readinto(self, target: bytearray | memoryview) -> int:
-        chunk = self.read(len(memoryview(target)))
-        memoryview(target).cast("B")[: len(chunk)] = chunk
-        return len(chunk)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}
-        if whence not in bases:
-            raise ValueError(f"invalid whence {whence!r}")
-        base = bases[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 class RangeReader(Protocol):
@@ -132,7 +149,7 @@ class RangeReader(Protocol):
     def checksums(self, algorithms: Sequence[Algorithm], buffer: bytearray | memoryview) -> tuple[str, ...]: ...
 
 
-class RangeBody:
+class RangeBody(_RequestBody):
     """A read-only, seekable, sized file object over a byte range of an open source that holds
     at most one ``buffer`` of it in memory: a part larger than the memory a worker allows for one
     part (``UPLOADER_PART_BUFFER_MAX``) is sent through one of these.
@@ -162,8 +179,8 @@ class RangeBody:
         self._start = 0  # the range position of self._buffer[0]
         self._filled = 0  # bytes of the range the buffer holds from there
 
-    def __len__(self) -> int:
-        return max(0, self._length - self._pos)
+    def _size(self) -> int:
+        return self._length
 
     def __repr__(self) -> str:  # botocore's debug log prints request params
         return f"<RangeBody {self._length} bytes at {self._pos}, {len(self._buffer)}-byte buffer>"
@@ -194,33 +211,6 @@ class RangeBody:
         self._source.check()
         self._start = self._pos
         self._filled = self._source.readinto(self._buffer, self._pos)
-
-    def readinto(self, target: bytearray | memoryview) -> int:
-        chunk = self.read(len(memoryview(target)))
-        memoryview(target).cast("B")[: len(chunk)] = chunk
-        return len(chunk)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}
-        if whence not in bases:
-            raise ValueError(f"invalid whence {whence!r}")
-        base = bases[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass  # the source range belongs to the caller, who closes it after the request
 
 
 #: Request bodies smaller than this go without ``Expect: 100-continue`` (the AWS SDK for Go v2,
@@ -264,7 +254,9 @@ def store_error(exc: Exception, action: str) -> TransientStoreError | PermanentS
         err.code = "InvalidRequest"  # type: ignore[attr-defined]
         return err
     if isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
-        err = TransientStoreError(f"{action} failed: {type(exc).__name__}: {exc}")
+        err = TransientStoreError(
+            f"{action} failed: {type(exc).__name__}: {exc} (check UPLOADER_S3_ENDPOINT_URL and the workers' network)"
+        )
         err.code = type(exc).__name__  # type: ignore[attr-defined]
         return err
     if isinstance(exc, BotoCoreError):

@@ -68,7 +68,10 @@ def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: st
     retries = task.request.retries
     if retries >= settings.part_max_retries:
         reason = f"{what} failed after {retries + 1} attempts: {exc}"
-        completion.mark_failed(default_context(), upload_id, reason, generation, transient=True)
+        if not completion.mark_failed(default_context(), upload_id, reason, generation, transient=True):
+            # Nothing to mark: a start that gave up before it created the record (S3 unreachable
+            # while checking the bucket). Say why under the upload id, as for a refusal.
+            Coordinator(default_context()).note_abandoned_start(upload_id, exc, reason)
         raise exc
     countdown = get_exponential_backoff_interval(
         factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
@@ -77,9 +80,13 @@ def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: st
     raise task.retry(exc=exc, countdown=countdown)
 
 
-# ``throws``: a refusal or a failure the coordinator reported is the sender's answer, logged as
-# one line without a traceback.
-@app.task(name=contract.START_UPLOAD, bind=True, max_retries=None, throws=(UploaderError,))
+#: ``throws`` of every task: an error of ours (a refusal, a failure already recorded in the
+#: checkpoint with its reason) is the task's answer, logged as one line without a traceback;
+#: anything else is a bug and keeps its traceback.
+EXPECTED = (UploaderError,)
+
+
+@app.task(name=contract.START_UPLOAD, bind=True, max_retries=None, throws=EXPECTED)
 def start_upload(self: Any, **request: Any) -> str:
     # A sender that names no upload id gets the start task's own id: stable across this task's
     # retries, so a retried start continues the same upload instead of claiming another.
@@ -91,7 +98,7 @@ def start_upload(self: Any, **request: Any) -> str:
         raise
 
 
-@app.task(name=contract.RESUME_UPLOAD, bind=True, max_retries=None)
+@app.task(name=contract.RESUME_UPLOAD, bind=True, max_retries=None, throws=EXPECTED)
 def resume_upload(self: Any, upload_id: str, restart: bool = False) -> dict[str, Any]:
     try:
         plan = Coordinator(default_context()).resume(upload_id, dispatch, restart=restart)
@@ -100,12 +107,12 @@ def resume_upload(self: Any, upload_id: str, restart: bool = False) -> dict[str,
     return {"upload_id": upload_id, "dispatched": plan.kind, "parts": len(plan.parts), "reason": plan.reason}
 
 
-@app.task(name=contract.CANCEL_UPLOAD)
+@app.task(name=contract.CANCEL_UPLOAD, throws=EXPECTED)
 def cancel_upload(upload_id: str) -> str:
     return Coordinator(default_context()).cancel(upload_id)
 
 
-@app.task(name=contract.UPLOAD_PART, bind=True, max_retries=None)
+@app.task(name=contract.UPLOAD_PART, bind=True, max_retries=None, throws=EXPECTED)
 def upload_part(self: Any, upload_id: str, part_number: int, generation: int) -> str:
     ctx = default_context()
     try:
@@ -123,7 +130,7 @@ def upload_part(self: Any, upload_id: str, part_number: int, generation: int) ->
     return outcome.outcome
 
 
-@app.task(name=contract.PUT_OBJECT, bind=True, max_retries=None)
+@app.task(name=contract.PUT_OBJECT, bind=True, max_retries=None, throws=EXPECTED)
 def put_object(self: Any, upload_id: str, generation: int) -> str:
     try:
         return transfer.put_single(default_context(), upload_id, generation, token=self.request.id)
@@ -132,7 +139,7 @@ def put_object(self: Any, upload_id: str, generation: int) -> str:
         raise
 
 
-@app.task(name=contract.COMPLETE_UPLOAD, bind=True, max_retries=None)
+@app.task(name=contract.COMPLETE_UPLOAD, bind=True, max_retries=None, throws=EXPECTED)
 def complete_upload(self: Any, upload_id: str, generation: int) -> str:
     ctx = default_context()
     try:

@@ -1,6 +1,9 @@
-"""Scenario 1: a SIGKILL storm. Workers die at random during a multi-part upload and new ones
-take their place; nobody calls ``resume``: the workers' own recovery (one leads at a time) sends
-again the parts killed workers held once their heartbeat lapses."""
+"""Scenario 1: a SIGKILL storm. Workers die at random during a multi-part upload and are restarted
+at once on the same host, as systemd's ``Restart=always`` or a container runtime would: every
+worker is started as the README says (``uploader worker``), so all of them, the dead and their
+replacements, share one node name (``celery@<host>``). Nobody calls ``resume``, and the stall
+reconciler is out of reach (``UPLOADER_STALL_SECONDS=600``): only the workers' own recovery (one
+leads at a time) can send again the parts a killed incarnation held, once its heartbeat lapses."""
 
 from __future__ import annotations
 
@@ -40,19 +43,22 @@ def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-u
     rng = random.Random(SEED)
     stack: Stack = make_stack(
         UPLOADER_WORKER_HEARTBEAT_SECONDS="2",
-        UPLOADER_STALL_SECONDS="3",
+        UPLOADER_STALL_SECONDS="600",
         UPLOADER_RECONCILE_INTERVAL="1",
+        UPLOADER_LEADER_LEASE_SECONDS="3",
         # Only a completer killed mid-way would hold this lease; keep recovery quick if one is.
         UPLOADER_COMPLETION_LEASE_SECONDS="10",
     )
     live: list[Worker] = []
-    concurrency: dict[str, int] = {}
+    concurrency: dict[int, int] = {}  # by worker process id: every worker has the same node name
     lock = threading.Lock()
 
     def spawn(n: int, c: int) -> Worker:
-        worker = stack.start_worker(f"storm{n}", concurrency=c, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH))
+        worker = stack.start_worker(
+            f"storm{n}", concurrency=c, default_name=True, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH)
+        )
         with lock:
-            concurrency[worker.name] = c
+            concurrency[worker.pid] = c
             live.append(worker)
         return worker
 
@@ -84,8 +90,9 @@ def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-u
                 live.remove(victim)
             victim.kill()
             victim.proc.wait(10)
-            killed.append((victim.name, concurrency[victim.name], status.parts_done))
-            # The replacement starts in the background: the next kill does not wait for it.
+            killed.append((victim.name, concurrency[victim.pid], status.parts_done))
+            # The replacement (same host, same node name) starts in the background: the next kill
+            # does not wait for it.
             started += 1
             replacements.append(pool.submit(spawn, started, rng.choice([2, 3, 4])))
         for f in replacements:
@@ -109,6 +116,7 @@ def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-u
     resent = final.bytes_sent - final.size if final.state == "completed" else final.bytes_sent - final.bytes_done
     bound = sum(c for _, c, _ in killed) * PART
     reconciled = worker_log_lines(stack, rf"reconcile: upload {handle.upload_id}", limit=10_000)
+    reclaimed = [line for line in reconciled if "sending parts" in line]
     report.extra.update(
         {
             "kills": len(killed),
@@ -118,6 +126,7 @@ def test_sigkill_storm(make_stack, report: Report) -> None:  # type: ignore[no-u
             "resent_bound": bound,
             "generations": record.generation,
             "reconciler_redispatches": len(reconciled),
+            "dead_incarnation_reclaims": len(reclaimed),
         }
     )
     if len(killed) < 2:
