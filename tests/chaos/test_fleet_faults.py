@@ -72,8 +72,10 @@ def test_poison_messages_mid_upload(make_stack, client_app, report: Report) -> N
 
 def test_a_worker_without_credentials_joins_mid_upload(make_stack, report: Report) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = make_stack(**FAST)
+    # Slow enough that parts are still queued when the third worker is ready (it takes seconds
+    # to start on a busy machine): it must get some.
     for n in range(2):
-        stack.start_worker(f"good{n}", concurrency=2, default_name=True, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH))
+        stack.start_worker(f"good{n}", concurrency=2, default_name=True, UPLOADER_MAX_BANDWIDTH=str(BANDWIDTH // 4))
     bucket = stack.new_bucket()
     path = stack.make_file(SIZE)
     handle = stack.uploader.submit(str(path), f"s3://{bucket}/creds.bin", part_size=PART)
