@@ -159,3 +159,28 @@ def test_a_hung_part_is_sent_again_once_its_time_limit_passes(make_stack, pool: 
     # The crawling worker's heartbeat lived all along: only the time limit freed its part.
     assert stack.uploader.checkpoint.live_owners(hung_holders) == hung_holders
     slow.kill()
+
+
+def test_a_forked_pool_process_never_shares_the_parents_connections() -> None:
+    """A prefork pool process forked after the worker's main process used S3 (its recovery loop
+    resumes uploads, which lists parts) must build its own clients: two processes writing into
+    one pooled socket interleave their requests (the fault suite saw BadDigest and bare 400s)."""
+    import os
+
+    from uploader.context import default_context
+    from uploader.objectstore import object_store
+
+    parent = default_context()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        child = default_context()
+        fresh = (
+            child is not parent
+            and child.objects is not parent.objects
+            and object_store(child.settings) is not parent.objects
+            and child.checkpoint is not parent.checkpoint
+        )
+        os._exit(0 if fresh else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child reused the parent's clients"
+    assert default_context() is parent  # the parent keeps its own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -30,5 +31,10 @@ class UploaderContext:
 
 @lru_cache(maxsize=1)
 def default_context() -> UploaderContext:
-    """The process-wide context built from the environment (one Redis pool, one S3 client)."""
+    """The process-wide context built from the environment (one Redis pool, one S3 client).
+    A forked child (a prefork pool process) builds its own: connections are never shared
+    across processes."""
     return UploaderContext.from_settings(get_settings())
+
+
+os.register_at_fork(after_in_child=default_context.cache_clear)

@@ -7,6 +7,7 @@ Callers see :class:`TransientStoreError` (worth retrying) or :class:`PermanentSt
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -469,6 +470,19 @@ class ObjectStore:
 
 _shared: dict[tuple[Any, ...], ObjectStore] = {}
 _shared_lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    """In a forked child (a prefork pool process), forget the parent's clients: their pooled
+    sockets to S3 are shared with the parent, and two processes writing requests into one
+    socket interleave them (seen: BadDigest and bare 400s once the workers' recovery, in the
+    parent, had used S3 before a pool process was replaced)."""
+    global _shared_lock
+    _shared.clear()
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def object_store(settings: Settings) -> ObjectStore:
