@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test chaos bench clean
+.PHONY: setup demo lint test chaos bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ $(VENV)/.bench-installed: $(STAMP)
 
 demo: setup
 	$(BIN)/uploader demo
+
+# ruff over the whole tree, mypy over the library and the workers (config in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy uploader workers
 
 test: setup
 	$(BIN)/pytest

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from uploader.checksums import crc32_b64, md5_b64
     from uploader.config import Settings
-    from uploader.objectstore import ObjectStore
     from uploader.planner import plan_parts
     from uploader.sources import open_source
+    from uploader.storage.adapter import ObjectStore
 
     path = Path(args.file)
     settings = Settings(
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if store is not None:
         store.complete_multipart_upload(args.bucket, args.key, mpu, done)
     wall = time.perf_counter() - t0
-    user, sys_ = (b - a for a, b in zip(cpu0, _cpu()))
+    user, sys_ = (b - a for a, b in zip(cpu0, _cpu(), strict=True))
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"wall_s": wall, "cpu_s": user + sys_, "sys_s": sys_, "vmhwm_kib": peak, "checksum": settings.part_checksum}), flush=True)

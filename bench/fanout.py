@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {m} | {len(runs)} | failed | | | |")
             continue
 
-        def med(key: str) -> float:
+        def med(key: str, ok: list[dict] = ok) -> float:
             return statistics.median(r[key] for r in ok)
 
         print(f"| {m} | {len(ok)} | {med('seconds_to_all_dispatched'):.2f} | {med('dispatch_messages_per_s'):.0f} "

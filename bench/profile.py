@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path

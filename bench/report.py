@@ -48,7 +48,7 @@ def machine_info(rig: Rig | None = None) -> dict[str, Any]:
         )
     except (OSError, StopIteration):
         pass
-    from uploader.localstack import weed_binary
+    from uploader.dev.localstack import weed_binary
 
     try:
         weed = _run([weed_binary(), "version"]).splitlines()[0]
@@ -86,6 +86,15 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
     if png:
         written.append(png)
     return written
+
+
+def write_scenario(out: Path, name: str, result: dict[str, Any], text: str) -> None:
+    """A scenario run on its own (``python -m bench.fairness``...): ``<name>.json`` and
+    ``<name>.md`` in ``out``, and the report on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+    print(text)
 
 
 def _fmt(value: Any, spec: str = "", dash: str = "-") -> str:
@@ -263,6 +272,8 @@ def markdown(results: dict[str, Any]) -> str:
                     add(f"| {row['category']} | {row['share'] * 100:.1f}% | {_fmt(row.get('cpu_ms_per_object'), '.2f')} |")
         add("")
 
+    small_many_markdown(sc.get("small_many"), add)
+
     res = sc.get("resume")
     if res:
         add("## Resume after SIGKILL")
@@ -307,7 +318,53 @@ def markdown(results: dict[str, Any]) -> str:
         add("")
     memory_markdown(sc.get("memory"), add)
     scaling_markdown(sc.get("scaling"), add)
+    retention_markdown(sc.get("retention"), add)
+    own_markdown(sc, add)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def own_markdown(sc: dict[str, Any], add: Any) -> None:
+    """The scenarios that write their own report (``python -m bench.fairness`` and
+    ``bench.bandwidth`` alone), as sections of this one."""
+    from bench import bandwidth, fairness
+
+    for name, module in (("fairness", fairness), ("bandwidth", bandwidth)):
+        section = sc.get(name)
+        if not section:
+            continue
+        if "error" in section:
+            add(f"## {name}")
+            add("")
+            add(f"FAILED: {section['error']}")
+        else:
+            add("#" + module.markdown(section).strip())
+        add("")
+
+
+def small_many_markdown(many: dict[str, Any] | None, add: Any) -> None:
+    """The directory of small files: submit_many, submit per file and s5cmd, side by side."""
+    if not many:
+        return
+    if "error" in many:
+        add(f"## A directory of small files: FAILED\n\n{many['error']}\n")
+        return
+    add("## A directory of small files (16 KiB)")
+    add("")
+    add(f"{many['count']} files of {many['file_size'] // 1024} KiB; this project through one worker process.")
+    add("")
+    add("| how | files/s | wall | vs s5cmd | worker CPU ms/file | Redis commands/file |")
+    add("| --- | --- | --- | --- | --- | --- |")
+    s5 = many.get("s5cmd", {})
+    if "wall_s" in s5:
+        add(f"| s5cmd cp 'dir/*' --numworkers {s5['numworkers']} | {s5['files_per_s']:.0f} | {s5['wall_s']} s | 1x | "
+            f"(its own CPU: {s5['cpu_ms_per_file']} ms/file) | |")
+    for name in ("submit_many", "submit", "submit_batch"):
+        row = many.get(name)
+        if row:
+            failed = f" ({row['failed']} FAILED)" if row.get("failed") else ""
+            add(f"| {name} | {row['files_per_s']:.0f} | {row['wall_s']} s | {_fmt(row.get('wall_vs_s5cmd'), '.2f')}x | "
+                f"{row['worker_cpu_ms_per_file']} | {row['redis_commands_per_file']} |{failed}")
+    add("")
 
 
 def memory_markdown(mem: dict[str, Any] | None, add: Any) -> None:
@@ -445,7 +502,7 @@ def _large_panels(large: dict[str, Any], rows: list[tuple[str, dict[str, Any]]],
     ax2.bar(labels, client, color=colors)
     ax2.bar(labels, server, bottom=client, color="#bbbbbb")
     ax2.set_title("CPU seconds per GiB (median)")
-    ax2.set_ylim(0, max(c + v for c, v in zip(client, server)) * 1.35)  # room for the legend
+    ax2.set_ylim(0, max(c + v for c, v in zip(client, server, strict=True)) * 1.35)  # room for the legend
     ax2.legend(
         handles=[Patch(color="#1f77b4", label="client process"), Patch(color="#d62728", label="this project: worker + submitter"),
                  Patch(color="#bbbbbb", label="S3 server (SeaweedFS)")],
@@ -477,3 +534,36 @@ def _scaling_panel(sc: dict[str, Any], rows: list[tuple[int, dict[str, Any]]], a
     ax.set_xlim(min(hosts) - 0.5, max(hosts) + 1)
     ax.set_title(f"Scaling: one {sc['file_size'] / MiB:.0f} MiB upload\naggregate MiB/s, hosts capped at {cap:g} MiB/s")
     ax.legend(fontsize=8, loc="upper left")
+
+
+def retention_markdown(ret: dict[str, Any] | None, add: Any) -> None:
+    """The retention scenario (``bench/retention.py``)."""
+    if not ret:
+        return
+    add("## What Redis keeps")
+    add("")
+    if "error" in ret and "reconcile" not in ret:
+        add(f"FAILED: {ret['error']}")
+        add("")
+        return
+    rec, can = ret.get("reconcile", {}), ret.get("cancelled", {})
+    add(f"One reconcile run with {rec.get('retained_uploads')} finished uploads kept (and {rec.get('active_uploads')} "
+        "uploading), run in the benchmark process with no worker on that Redis; Redis commands from INFO commandstats.")
+    add("")
+    add("| reconcile run (median) | its Redis commands | janitor plan | its Redis commands | index sweep (hourly) | its Redis commands |")
+    add("| --- | --- | --- | --- | --- | --- |")
+    add(f"| {_fmt(rec.get('reconcile_s_median'), '.4f')} s | {rec.get('reconcile_redis_commands_median')} "
+        f"| {_fmt(rec.get('janitor_plan_s'), '.4f')} s | {rec.get('janitor_plan_redis_commands')} "
+        f"| {_fmt(rec.get('index_sweep_s'), '.4f')} s | {rec.get('index_sweep_redis_commands', '-')} |")
+    add("")
+    if can:
+        add(f"A {can.get('parts')}-part upload cancelled once every part was dispatched: the Celery keys left once "
+            f"the queue drained and nothing changed for 6 s.")
+        add("")
+        add("| Celery keys left | their memory | by kind |")
+        add("| --- | --- | --- |")
+        kinds = ", ".join(f"{k}: {v}" for k, v in (can.get("keys") or {}).items() if k != "other")
+        add(f"| {can.get('celery_keys')} | {_fmt((can.get('celery_bytes') or 0) / 1024, '.0f')} KiB | {kinds} |")
+        if can.get("error"):
+            add(f"\n{can['error']}")
+    add("")

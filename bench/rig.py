@@ -23,11 +23,13 @@ from botocore.config import Config
 
 from bench import procstat
 from uploader.config import Settings
-from uploader.localstack import RedisServer, SeaweedS3, Worker, write_random_file
+from uploader.dev.localstack import RedisServer, SeaweedS3, Worker, write_random_file
 
 ACCESS_KEY = "bench-access-key"
 SECRET_KEY = "bench-secret-key"
 REGION = "us-east-1"
+#: The benchmark fleet's key (workers need one; see uploader/auth.py).
+BENCH_FLEET_KEY = "bench-fleet-key-0123456789abcdefghijklmnop"
 
 
 class Rig:
@@ -127,6 +129,7 @@ class Rig:
             "UPLOADER_BROKER_URL": redis_url,
             "UPLOADER_S3_ENDPOINT_URL": self.endpoint_url,
             "UPLOADER_SOURCE_ROOTS": str(self.sources),
+            "UPLOADER_FLEET_KEY": BENCH_FLEET_KEY,
             "UPLOADER_RETRY_BACKOFF_MAX": "2",
             **self.aws_env,
             **extra,

@@ -9,12 +9,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench import bandwidth, checksum, fairness, fanout, large, memory, profile, report, resume, retention, scaling, small
+from bench.rig import Rig
 from uploader.planner import MiB, parse_size
 
-from bench import fanout, large, memory, profile, report, resume, scaling, small
-from bench.rig import Rig
-
-SCENARIOS = ("large", "profile", "small", "resume", "fanout", "memory", "scaling")
+SCENARIOS = ("large", "profile", "small", "resume", "fanout", "memory", "scaling", "retention", "checksum", "fairness",
+             "bandwidth")
 
 
 def log(message: str) -> None:
@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-count", type=int, default=None, help="1 KiB uploads timed one by one (default 100; --quick: 30)")
     parser.add_argument("--resume-size", default=None, help="file size for the resume scenario (default 512MiB; --quick: 128MiB)")
     parser.add_argument("--fanout-parts", type=int, default=None, help="parts in the fan-out scenario (default 10000; --quick: 2000)")
+    parser.add_argument("--retention-uploads", type=int, default=None,
+                        help="finished uploads kept in the retention scenario (default 10000; --quick: 2000)")
+    parser.add_argument("--retention-parts", type=int, default=None,
+                        help="parts of the retention scenario's cancelled upload (default 10000; --quick: 2000)")
     parser.add_argument("--memory-size", default=None, help="file size for the memory scenario (default 4GiB; --quick: 512MiB)")
     parser.add_argument("--memory-part-size", default=None, help="part size of the memory scenario (default 512MiB; --quick: 128MiB)")
     parser.add_argument("--memory-budgets", default="default",
@@ -57,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.latency_count = args.latency_count or (30 if args.quick else 100)
     args.resume_size = parse_size(args.resume_size) if args.resume_size else (128 * MiB if args.quick else 512 * MiB)
     args.fanout_parts = args.fanout_parts or (2000 if args.quick else 10_000)
+    args.retention_uploads = args.retention_uploads or (2000 if args.quick else 10_000)
+    args.retention_parts = args.retention_parts or (2000 if args.quick else 10_000)
     args.memory_size = parse_size(args.memory_size) if args.memory_size else (512 * MiB if args.quick else 4 << 30)
     args.memory_part_size = (
         parse_size(args.memory_part_size) if args.memory_part_size else (128 * MiB if args.quick else 512 * MiB)
@@ -140,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                         concurrency=args.concurrency, timeout=args.timeout, log=log,
                         profile_dir=args.out if "profile" in args.scenarios else None,
                     ))
+                    log(f"a directory of {args.small_count} small files (16 KiB):")
+                    _guard(results, "small_many", lambda: small.run_many(
+                        rig, project, count=args.small_count, timeout=args.timeout, log=log,
+                    ))
             if project is not None:
                 project.close()
                 rig.stop_service(project.worker)
@@ -156,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                 _guard(results, "fanout", lambda: fanout.run(
                     rig, parts=args.fanout_parts, concurrency=args.concurrency, timeout=min(args.timeout, 300), log=log,
                 ))
+            if "retention" in args.scenarios:
+                log(f"what Redis keeps ({args.retention_uploads} finished uploads; a cancelled {args.retention_parts}-part upload):")
+                _guard(results, "retention", lambda: retention.run(
+                    rig, retained=args.retention_uploads, active=5, parts=args.retention_parts,
+                    concurrency=args.concurrency, timeout=min(args.timeout, 600), log=log,
+                ))
             if "memory" in args.scenarios:
                 log(f"worker memory with large parts ({args.memory_size / MiB:.0f} MiB, {args.memory_part_size / MiB:.0f} MiB "
                     f"parts, concurrency {args.concurrency}):")
@@ -170,6 +186,21 @@ def main(argv: list[str] | None = None) -> int:
                     rig, size=args.scaling_size, repeats=args.scaling_repeats, hosts=args.scaling_hosts,
                     part_size=args.part_size, concurrency=args.concurrency, rate=args.scaling_rate,
                     timeout=args.timeout, log=log, tcp_cc=args.scaling_tcp_cc,
+                ))
+            if "checksum" in args.scenarios:
+                log(f"checksum algorithms: CPU per GiB; {args.size / MiB:.0f} MiB with FULL_OBJECT on and off:")
+                _guard(results, "checksum", lambda: checksum.run(
+                    rig, size=args.size, repeats=args.repeats, cpu_size=min(args.size, 1 << 30), timeout=args.timeout, log=log,
+                ))
+            if "fairness" in args.scenarios:
+                log("fairness: small uploads while a 10,000-part upload is being sent; two uploads together:")
+                _guard(results, "fairness", lambda: fairness.run(
+                    rig, samples=3 if args.quick else 7, timeout=30, big_rate=fairness.BIG_RATE, log=log,
+                ))
+            if "bandwidth" in args.scenarios:
+                log("fleet-wide max_bandwidth: one upload, 4 workers, 8 MiB/s:")
+                _guard(results, "bandwidth", lambda: bandwidth.run(
+                    rig, rate=8 * MiB, seconds=10 if args.quick else 30, workers=4, timeout=args.timeout, log=log,
                 ))
             results["machine"] = report.machine_info(rig)
     except KeyboardInterrupt:

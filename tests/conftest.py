@@ -21,19 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import hypothesis.internal.observability  # noqa: F401  (imported before worker threads exist: CPython 3.11.7 ast bug)
 import pytest
 import redis
 from botocore.config import Config
 from celery import Celery
 
-import hypothesis.internal.observability  # noqa: F401  (imported before worker threads exist: CPython 3.11.7 ast bug)
-
 from tests.faultproxy import FaultProxy
-from uploader import Uploader, UploadNotFound
+from tests.receiver import Receiver
+from uploader import Uploader, UploadNotFound, auth
 from uploader.checkpoint import CheckpointStore
 from uploader.client import UploadHandle, UploadStatus
 from uploader.config import Settings
-from uploader.localstack import (
+from uploader.dev.localstack import (
+    DATABASES,
     MotoS3,
     RedisServer,
     SeaweedS3,
@@ -46,7 +47,14 @@ from uploader.planner import MiB
 
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key-never-logged"
+FLEET_KEY = "test-fleet-key-0123456789abcdefghijklmnopqrstuvwxyz"
 _databases = itertools.count(1)
+
+
+def signed(task: str, **kwargs: object) -> dict[str, object]:
+    """``kwargs`` of an internal ``task`` with the proof a worker would add (the tests' stacks
+    share :data:`FLEET_KEY`)."""
+    return auth.signed(FLEET_KEY.encode(), task, kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +124,9 @@ class Stack:
             "UPLOADER_BROKER_URL": self.redis_url,
             "UPLOADER_S3_ENDPOINT_URL": self.endpoint_url,
             "UPLOADER_SOURCE_ROOTS": str(self.sources_root),
+            # The stack's client holds it too: the tests' client is an operator. Tests of an
+            # ordinary client build one without it (see tests/test_authority.py).
+            "UPLOADER_FLEET_KEY": FLEET_KEY,
             "UPLOADER_RETRY_BACKOFF_MAX": "2",
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -127,12 +138,14 @@ class Stack:
         self.s3 = s3_client(self.endpoint_url)
 
     def start_worker(
-        self, name: str = "worker", concurrency: int = 4, pool: str = "threads", *, default_name: bool = False, **env: str
+        self, name: str = "worker", concurrency: int = 4, pool: str = "threads", *, default_name: bool = False,
+        queues: str | None = None, **env: str,
     ) -> Worker:
         """A worker on this stack; ``default_name``: started as ``uploader worker`` under Celery's
         default node name (every such worker on this machine shares it)."""
         worker = Worker(
-            self.workdir, {**self.env, **env}, name=name, concurrency=concurrency, pool=pool, default_name=default_name
+            self.workdir, {**self.env, **env}, name=name, concurrency=concurrency, pool=pool, default_name=default_name,
+            queues=queues,
         )
         self.workers.append(worker)
         return worker
@@ -232,7 +245,7 @@ def make_stack(workdir: Path, redis_server: RedisServer, seaweed: SeaweedS3, sou
 
     def factory(s3: str = "seaweed", **extra_env: str) -> Stack:
         db = next(_databases)
-        assert db < 64, "too many isolated stacks for one Redis; raise --databases in RedisServer"
+        assert db < DATABASES, "too many isolated stacks for one Redis; raise localstack.DATABASES"
         endpoint = seaweed.endpoint_url if s3 == "seaweed" else request.getfixturevalue("moto").endpoint_url
         stack = Stack(workdir, redis_server.url.rsplit("/", 1)[0] + f"/{db}", endpoint, sources_root, extra_env)
         stacks.append(stack)
@@ -249,6 +262,20 @@ def proxy(seaweed: SeaweedS3) -> Iterator[FaultProxy]:
     fault_proxy = FaultProxy(seaweed.endpoint_url)
     yield fault_proxy
     fault_proxy.close()
+
+
+#: The ``oss`` profile with SeaweedFS standing in for Alibaba OSS: path-style (OSS is addressed
+#: virtual-hosted; the profile lets an operator override), and short retry backoffs.
+OSS_SETTINGS = {"UPLOADER_S3_PROFILE": "oss", "UPLOADER_S3_ADDRESSING_STYLE": "path", "UPLOADER_RETRY_BACKOFF_MAX": "1"}
+
+
+@pytest.fixture
+def oss_stack(make_stack, proxy: FaultProxy) -> Stack:  # type: ignore[no-untyped-def]
+    """An isolated stack under the ``oss`` profile whose worker reaches SeaweedFS through ``proxy``
+    (a test sets the proxy's ``add_headers`` or ``answer`` to answer as OSS does)."""
+    stack: Stack = make_stack(**OSS_SETTINGS)
+    stack.start_worker("oss", concurrency=3, UPLOADER_S3_ENDPOINT_URL=proxy.url)
+    return stack
 
 
 @pytest.fixture
@@ -276,3 +303,12 @@ def shared_stack(workdir: Path, redis_server: RedisServer, seaweed: SeaweedS3, s
 @pytest.fixture
 def stack(shared_stack: Stack) -> Stack:
     return shared_stack
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on loopback (tests/receiver.py), closed after the test."""
+    r = Receiver()
+    r.start()
+    yield r
+    r.close()

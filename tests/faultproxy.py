@@ -15,6 +15,8 @@ Three faults still forward the request, so the upstream does handle it:
   ``enforce_content_length=False``, so it accepts a short body whose headers are complete.)
 * ``lost``: close the connection before sending any answer: the request took effect, but the
   client sees a connection error and sends it again.
+* ``corrupt``: forward the body with its first byte inverted (damage in transit, or a tampered
+  part): a server that checks the part's checksum refuses it, one that does not stores it.
 
 ``body_rate`` (bytes per second, 0 = unlimited) reads the body of every targeted request that
 is forwarded no faster than that, through a small receive buffer, so the client's send of the body
@@ -23,9 +25,25 @@ Content-Length, seconds spent receiving)`` for each such body; a client that giv
 middle of sending leaves an entry with fewer bytes than announced (counted as ``body-cut``), and
 nothing is forwarded for it.
 
+``add_headers`` (optional) is called for every forwarded request that the upstream answered with
+a 2xx, as ``add_headers(method, path, request body, upstream response headers)``, and returns
+headers to add to the answer: a provider's extra response headers emulated in front of SeaweedFS
+(tests/osscrc64.py adds Alibaba OSS's ``x-oss-hash-crc64ecma``).
+
+``answer`` (optional) is called for every forwarded request that the upstream answered with a
+2xx, as ``answer(method, path, request headers (lower-cased names), upstream body)``, and returns
+``None`` (the upstream's answer goes back) or ``(status, body)`` to send instead, with the
+upstream's headers: a provider that answers other than SeaweedFS does, emulated (Alibaba OSS
+answers a Complete that carried ``x-oss-callback`` with its callback server's body).
+
 ``fault`` is one kind, or a sequence of kinds: each injected fault then picks one of them at
 random (seeded). ``events`` records ``(monotonic time, method, path, what)`` for every targeted
 request, ``what`` being ``forwarded`` or the fault injected.
+
+``peak`` counts, per multipart upload id (the ``uploadId`` of the query), the most targeted
+requests that were in the proxy at the same moment (from the arrival of their headers to the end
+of the answer); ``spans`` records ``(upload id, start, end, bytes of body)`` (monotonic times)
+of each targeted request, for rates measured on the wire.
 """
 
 from __future__ import annotations
@@ -38,7 +56,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 _ERRORS = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
@@ -48,7 +66,7 @@ _ERRORS = {
 
 
 #: Every kind of fault the proxy can inject.
-FAULT_KINDS = ("503", "500", "forbidden", "reset", "slow", "truncated", "lost")
+FAULT_KINDS = ("503", "500", "forbidden", "reset", "slow", "truncated", "lost", "corrupt")
 
 
 def is_upload_part(method: str, path: str) -> bool:
@@ -66,6 +84,8 @@ class FaultProxy:
         seed: int = 1234,
         slow_seconds: float = 2.0,
         body_rate: int = 0,
+        add_headers: Callable[[str, str, bytes, dict[str, str]], dict[str, str]] | None = None,
+        answer: Callable[[str, str, dict[str, str], bytes], tuple[int, bytes] | None] | None = None,
     ) -> None:
         self.upstream = urlsplit(upstream)
         self.fault = fault
@@ -73,9 +93,17 @@ class FaultProxy:
         self.targets = targets
         self.slow_seconds = slow_seconds
         self.body_rate = body_rate
+        self.add_headers = add_headers
+        self.answer = answer
         self.bodies: list[tuple[str, str, int, int, float]] = []
         self.counts: Counter[str] = Counter()
         self.events: list[tuple[float, str, str, str]] = []
+        #: Every request received, targeted or not: ``(method, path with query, headers)``
+        #: (header names lower-cased), for asserts on what the client put on the wire.
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.peak: Counter[str] = Counter()
+        self.spans: list[tuple[str, float, float, int]] = []
+        self._inflight: Counter[str] = Counter()
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         proxy = self
@@ -87,8 +115,29 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
+                # ``targets`` is asked once per request: a test's predicate may count its calls.
                 targeted = proxy.targets(self.command, self.path)
+                if not targeted:
+                    self._serve(targeted)
+                    return
+                upload = (parse_qs(urlsplit(self.path).query).get("uploadId") or [""])[0]
+                started = time.monotonic()
+                with proxy._lock:
+                    proxy._inflight[upload] += 1
+                    proxy.peak[upload] = max(proxy.peak[upload], proxy._inflight[upload])
+                try:
+                    self._serve(targeted)
+                finally:
+                    with proxy._lock:
+                        proxy._inflight[upload] -= 1
+                        proxy.spans.append(
+                            (upload, started, time.monotonic(), int(self.headers.get("Content-Length") or 0))
+                        )
+
+            def _serve(self, targeted: bool) -> None:
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+                length = int(self.headers.get("Content-Length") or 0)
                 fault = proxy._pick() if targeted else None
                 if fault is not None:
                     proxy._count(f"injected-{fault}")
@@ -121,6 +170,8 @@ class FaultProxy:
                     body = self.rfile.read(length) if length else None
                 if fault == "slow":
                     time.sleep(proxy.slow_seconds)
+                if fault == "corrupt" and body:
+                    body = bytes([body[0] ^ 0xFF]) + body[1:]
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -137,9 +188,11 @@ class FaultProxy:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                     return
-                self.send_response(response.status, response.reason)
-                for name, value in response.getheaders():
-                    if name.lower() not in {"connection", "transfer-encoding", "content-length"}:
+                status, reason, payload = self._answered(response, payload)
+                self._send_head(status, reason, response)
+                if proxy.add_headers is not None and 200 <= response.status < 300:
+                    upstream_headers = {k.lower(): v for k, v in response.getheaders()}
+                    for name, value in proxy.add_headers(self.command, self.path, body or b"", upstream_headers).items():
                         self.send_header(name, value)
                 # A HEAD response's Content-Length is the object's, not the (empty) payload's.
                 length_header = response.getheader("Content-Length") if self.command == "HEAD" else None
@@ -173,11 +226,27 @@ class FaultProxy:
                     return None
                 return b"".join(chunks)
 
-            def _send_truncated(self, response: http.client.HTTPResponse, payload: bytes) -> None:
-                self.send_response(response.status, response.reason)
+            def _answered(self, response: http.client.HTTPResponse, payload: bytes) -> tuple[int, str, bytes]:
+                """``(status, reason, body)`` to send back: the upstream's, or what ``answer``
+                replaces a 2xx with (its reason then left to the status)."""
+                if proxy.answer is not None and 200 <= response.status < 300:
+                    request_headers = {k.lower(): v for k, v in self.headers.items()}
+                    replaced = proxy.answer(self.command, self.path, request_headers, payload)
+                    if replaced is not None:
+                        status, body = replaced
+                        return status, "", body
+                return response.status, response.reason, payload
+
+            def _send_head(self, status: int, reason: str, response: http.client.HTTPResponse) -> None:
+                """The status line and the upstream's headers, but for those of its own framing."""
+                self.send_response(status, reason or None)
                 for name, value in response.getheaders():
                     if name.lower() not in {"connection", "transfer-encoding", "content-length"}:
                         self.send_header(name, value)
+
+            def _send_truncated(self, response: http.client.HTTPResponse, payload: bytes) -> None:
+                status, reason, payload = self._answered(response, payload)
+                self._send_head(status, reason, response)
                 self.send_header("Content-Length", str(max(len(payload), 1024)))
                 self.end_headers()
                 self.wfile.write(payload[: len(payload) // 2])

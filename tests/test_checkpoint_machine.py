@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -55,8 +56,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from uploader.checkpoint.store import STATES, CheckpointStore, Lease, PartJob, PartTimeLimit, UploadRecord
-from uploader.objectstore import UploadedPart
+from uploader.checkpoint.store import STATES, CheckpointStore, Lease, PartJob, PartTimeLimit, part_lease_owner
+from uploader.model import UploadedPart, UploadRecord
 
 IDS = ("u1", "u2")
 OWNERS = ("w1|t1", "w2|t2", "w1|t3")  # "w1|t3": same worker as t1, another task
@@ -222,7 +223,7 @@ class CheckpointMachine(RuleBasedStateMachine):
     def start_uploads(self, setups: list[tuple[str, int, str, int]]) -> None:
         """Runs start from any stage of an upload's life (through the same transitions the rules
         use, and checked the same way); claim/attach/discard remain rules of their own."""
-        for uid, (mode, part_count, stage, lease) in zip(IDS, setups):
+        for uid, (mode, part_count, stage, lease) in zip(IDS, setups, strict=True):
             if stage == "none":
                 continue
             self.claim(uid, mode, part_count)
@@ -910,3 +911,51 @@ def test_a_duplicate_start_finds_a_single_put_completing_under_its_lease(store: 
     assert store.claim_single("u1", fields, "c2", LIVE_LEASE) == (False, "completing")
     assert store.begin_completion("u1", "c2", LIVE_LEASE) == "busy"  # the first holds the PUT
     assert store.begin_completion("u1", "c1", LIVE_LEASE) == "go"  # its own retry takes it again
+
+
+# -- a part task delivered twice (not found by the machine, whose owners are fixed strings) -------
+
+
+def _begin_at_once(store: CheckpointStore, owners: list[str]) -> list[str]:
+    """``begin_part`` of part 1 of ``u1`` by every owner at the same moment (threads released
+    together; each command takes its own connection from the client's pool): the verdicts, in
+    the order of ``owners``."""
+    barrier = threading.Barrier(len(owners))
+    verdicts: list[str] = [""] * len(owners)
+
+    def take(i: int) -> None:
+        barrier.wait(timeout=10)
+        verdicts[i] = store.begin_part("u1", 1, 1, owners[i])[0]
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(owners))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return verdicts
+
+
+def test_a_part_task_delivered_twice_to_the_same_worker_sends_the_part_once(store: CheckpointStore) -> None:
+    # The same message twice (same task id) on the same live holder (a threads pool): each
+    # execution is its own owner, so the second is turned away while the first sends.
+    _uploading(store, "u1", 1, "mpu-1")
+    store.heartbeat("w1", LIVE_LEASE)
+    first, second = part_lease_owner("w1", "task-1"), part_lease_owner("w1", "task-1")
+    assert first != second and Lease.parse(first + "|1").holder == "w1"
+    verdicts = _begin_at_once(store, [first, second])
+    assert sorted(verdicts) == ["leased", "send"], verdicts
+    assert _leases(store, "u1") == {"1": first if verdicts[0] == "send" else second}
+    record = store.get("u1")
+    assert record is not None and record.parts_sent == 1, "counted as sent once"
+
+
+def test_a_replayed_begin_part_gets_its_own_lease_back(store: CheckpointStore) -> None:
+    # What the script's same-owner rule is for: redis-py sends a call again when the connection
+    # dropped after Redis ran it; that replay (same owner) must get the lease it took.
+    _uploading(store, "u1", 1, "mpu-1")
+    store.heartbeat("w1", LIVE_LEASE)
+    owner = part_lease_owner("w1", "task-1")
+    assert store.begin_part("u1", 1, 1, owner)[0] == "send"
+    assert store.begin_part("u1", 1, 1, owner)[0] == "send"
+    assert _leases(store, "u1") == {"1": owner}
+    assert store.begin_part("u1", 1, 1, part_lease_owner("w1", "task-1"))[0] == "leased"

@@ -77,7 +77,7 @@ def test_md5_b64_to_etag(data: bytes) -> None:
 def s3_multipart_etag(parts: list[bytes]) -> str:
     """S3's rule, computed from the part bodies: md5 of the concatenated binary part MD5s, "-N"."""
     joined = b"".join(hashlib.md5(p).digest() for p in parts)
-    return '"%s-%d"' % (hashlib.md5(joined).hexdigest(), len(parts))
+    return f'"{hashlib.md5(joined).hexdigest()}-{len(parts)}"'
 
 
 @PROPS

@@ -59,12 +59,23 @@ def load_compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-_INTERPOLATION = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\})")
+_INTERPOLATION = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\})")
+
+#: Secrets Compose must be given (``${NAME:?message}``: no default, ``up`` refuses without them).
+REQUIRED_SECRETS = {
+    "REDIS_CLIENT_PASSWORD", "REDIS_WORKER_PASSWORD", "REDIS_ADMIN_PASSWORD", "FLOWER_BASIC_AUTH", "UPLOADER_FLEET_KEY",
+}
+
+
+def given_secret(name: str) -> str:
+    """What :func:`interpolate` puts for a required secret: as if the operator had set it."""
+    return f"given-{name.lower().replace('_', '-')}-as-long-as-a-real-one"
 
 
 def interpolate(value: Any) -> Any:
     """``value`` with Compose's ``${NAME:-default}`` replaced by the default, recursively: what
-    ``docker compose`` sees with nothing set in the environment."""
+    ``docker compose`` sees with nothing set in the environment, except the required secrets
+    (``${NAME:?message}``), which are given (:func:`given_secret`)."""
     if isinstance(value, dict):
         return {key: interpolate(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -77,6 +88,10 @@ def interpolate(value: Any) -> Any:
             return "$"
         if match.group("op") is None:
             raise AssertionError(f"{match.group(0)} in docker-compose.yml has no default")
+        if match.group("op").endswith("?"):
+            name = match.group("name")
+            assert name in REQUIRED_SECRETS, f"{match.group(0)}: only secrets may be required, the rest needs a default"
+            return given_secret(name)
         return match.group("default")
 
     return _INTERPOLATION.sub(replace, value)
@@ -196,8 +211,13 @@ def test_compose_schema_rejects_a_broken_copy(
     assert any(complaint in error for error in errors), errors
 
 
-def test_compose_interpolations_all_have_defaults() -> None:
-    interpolate(load_compose())  # raises on a ${NAME} without a default
+def test_compose_interpolations_all_have_defaults_except_the_secrets() -> None:
+    interpolate(load_compose())  # raises on a ${NAME} without a default that is not a secret
+    text = COMPOSE_FILE.read_text()
+    for name in REQUIRED_SECRETS:
+        # A secret has no default: a default would be a password committed to the repository.
+        assert re.search(r"\$\{" + name + r":\?[^}]+\}", text), f"{name} is not a required variable"
+        assert not re.search(r"\$\{" + name + r":?-", text), f"{name} has a default"
 
 
 def test_compose_services() -> None:
@@ -208,9 +228,10 @@ def test_compose_services() -> None:
 
     redis = services["redis"]
     assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
+    # render-acl.sh starts redis-server with the ACL users and the options in `command`.
+    assert redis["entrypoint"][:2] == ["sh", "/etc/uploader-redis/render-acl.sh"]
     command = redis["command"]
-    options = dict(zip(command[1::2], command[2::2]))
-    assert command[0] == "redis-server"
+    options = dict(zip(command[0::2], command[1::2], strict=True))
     assert options["--appendonly"] == "yes"
     assert options["--appendfsync"] == "everysec"
     assert options["--maxmemory-policy"] == "noeviction"
@@ -253,7 +274,8 @@ def test_compose_settings_parse_and_point_at_the_compose_services() -> None:
         settings = settings_from(services[name]["environment"])
         broker = urlsplit(settings.broker_url)
         assert broker.hostname in services and broker.port == 6379, name
-        assert broker.password is None
+        # The workers' Redis user, its password from the environment.
+        assert (broker.username, broker.password) == ("uploader-worker", given_secret("REDIS_WORKER_PASSWORD")), name
     worker_env = services["worker"]["environment"]
     s3 = urlsplit(settings_from(worker_env).s3_endpoint_url or "")
     assert (s3.hostname, s3.port) == ("seaweedfs", 8333)
@@ -485,7 +507,12 @@ def test_no_secret_material_in_the_files() -> None:
         assert not re.search(r"\bA(?:KIA|SIA)[0-9A-Z]{16}\b", text), f"{name}: AWS access key id"
         for url in re.findall(r"rediss?://[^\s'\"`]+", text):
             password = urlsplit(url).password
-            assert password in (None, "PASSWORD"), f"{name}: {url}"
+            from_env = password is not None and password.startswith("$")  # ${NAME:?...}, $NAME: from the environment
+            assert password in (None, "PASSWORD") or from_env, f"{name}: {url}"
+    # The ACL users carry placeholders for their passwords' hashes, never a password or a hash.
+    acl = (DEPLOY / "redis" / "users.acl").read_text()
+    assert not re.search(r"(?<![\w@])>\S", acl), "a literal password in users.acl"
+    assert not re.search(r"#[0-9a-f]{64}\b", acl), "a password hash in users.acl"
     config = k8s_resource("ConfigMap", "uploader-config")["data"]
     assert not [key for key in config if re.search("SECRET|PASSWORD|AWS_", key)]
 
@@ -501,7 +528,7 @@ def test_dockerfile() -> None:
 
     (base,) = by_kind["FROM"]
     assert base.value[0] == "python:3.11-slim"
-    assert any(re.search(r"\bpip install\b.*\[flower\]", run.value[0]) for run in by_kind["RUN"]), (
+    assert any(re.search(r"\bpip install\b.*\[flower,signing\]", run.value[0]) for run in by_kind["RUN"]), (
         "the image installs the project with Flower"
     )
     user = by_kind["USER"][-1].value[0].split(":")[0]
@@ -545,8 +572,67 @@ def test_recovery_needs_no_process_of_its_own() -> None:
         assert not re.search(r"\bbeat\b", text), "a deployment file mentions a beat process"
     readme = README.read_text()
     assert "There is no beat/scheduler process to remember" in readme and "UPLOADER_LEADER_LEASE_SECONDS" in readme
-    import workers.app as worker_app
     from celery.signals import worker_ready
+
+    import workers.app as worker_app
 
     receivers = [ref() for _, ref in worker_ready.receivers]
     assert worker_app.start_heartbeat_and_recovery in receivers
+
+
+# --- Redis users and Flower's authentication -----------------------------------------------
+
+ACL_TEMPLATE = DEPLOY / "redis" / "users.acl"
+
+
+def acl_users() -> dict[str, str]:
+    """The users of ``deploy/redis/users.acl`` (comments dropped, as render-acl.sh does)."""
+    users = {}
+    for line in ACL_TEMPLATE.read_text().splitlines():
+        if line.startswith("user "):
+            _, name, rules = line.split(" ", 2)
+            users[name] = rules
+    return users
+
+
+def test_redis_users_have_passwords_from_the_environment() -> None:
+    users = acl_users()
+    assert set(users) == {"default", "uploader-client", "uploader-worker", "uploader-admin"}
+    # Unauthenticated connections: PING only (the healthcheck), nothing else.
+    assert users["default"].split()[-2:] == ["-@all", "+ping"] and "~" not in users["default"]
+    redis = load_compose()["services"]["redis"]
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in redis["volumes"] if volume.startswith(".")}
+    assert (ROOT / mounted["/etc/uploader-redis"]).resolve() == ACL_TEMPLATE.parent
+    for name in ("uploader-client", "uploader-worker", "uploader-admin"):
+        placeholder = re.search(r"#@([A-Z_]+)_SHA256@", users[name])
+        assert placeholder and "nopass" not in users[name], name
+        variable = placeholder.group(1)
+        assert re.fullmatch(r"\$\{" + variable + r":\?[^}]+\}", redis["environment"][variable]), variable
+
+
+def test_compose_flower_asks_for_basic_auth_given_at_start() -> None:
+    flower = load_compose()["services"]["flower"]
+    assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", flower["environment"]["FLOWER_BASIC_AUTH"])
+    assert not any("basic" in str(part).lower() for part in flower["command"]), "credentials on the command line"
+    assert all(str(port).startswith("127.0.0.1:") for port in flower["ports"]), "/metrics has no authentication"
+    assert "FLOWER_UNAUTHENTICATED_API" not in (flower.get("environment") or {})
+
+
+def test_kubernetes_flower_asks_for_basic_auth_from_a_secret_it_cannot_start_without() -> None:
+    container = only_container(k8s_resource("Deployment", "uploader-flower"))
+    env = {item["name"]: item for item in container.get("env", [])}
+    auth = env["FLOWER_BASIC_AUTH"]
+    assert "value" not in auth, "a literal password in the manifest"
+    ref = auth["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "uploader-flower" and ref["key"] == "basic-auth"
+    assert not ref.get("optional", False), "Flower would start without authentication"
+    assert "FLOWER_UNAUTHENTICATED_API" not in env
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/healthcheck"  # the one page without auth, besides /metrics
+    # /metrics answers without credentials: only pods given access reach the port.
+    policy = k8s_resource("NetworkPolicy", "uploader-flower")
+    pod_labels = k8s_resource("Deployment", "uploader-flower")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] and all("podSelector" in peer for peer in rule["from"])

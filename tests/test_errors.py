@@ -11,7 +11,7 @@ from tests.conftest import Stack, sha256_file
 from tests.faultproxy import FaultProxy
 from uploader import UploadFailed
 from uploader.client import UploadStatus
-from uploader.localstack import wait_until
+from uploader.dev.localstack import wait_until
 from uploader.planner import MiB
 
 PART = 5 * MiB

@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, listen_for_events, sha256_file
+from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, listen_for_events, sha256_file, signed
 from uploader import contract
 from uploader.config import get_settings
-from uploader.contract import PARTS_QUEUE, celery_config
-from uploader.localstack import wait_until
+from uploader.contract import CONTROL_QUEUE, PARTS_QUEUE, celery_config
+from uploader.dev.localstack import wait_until
 from uploader.planner import MiB
 from workers import fanout
 
-PART_KWARGS = {"upload_id", "part_number", "generation"}
+PART_KWARGS = {"upload_id", "part_number", "generation", "proof"}
 
 
 def decode(raw: str) -> dict[str, Any]:
@@ -41,12 +41,10 @@ def queued(stack: Stack, queue: str = PARTS_QUEUE) -> list[str]:
 def test_many_parts_are_sent_in_batches_and_complete_once_through_the_chord(make_stack) -> None:  # type: ignore[no-untyped-def]
     # A batch of 7 messages: the 41 parts cross five batch boundaries and end in a partial batch.
     stack: Stack = make_stack(UPLOADER_FANOUT_BATCH="7")
-    coordinator = stack.start_worker("fanout-coordinator", concurrency=2)
+    # The coordinator worker takes no parts, so that its dispatch stays in the queue to be read.
+    stack.start_worker("fanout-coordinator", concurrency=2, queues=CONTROL_QUEUE)
     app = Celery("fanout-test", set_as_current=False)
     app.conf.update(celery_config(stack.settings))
-    # The coordinator worker stops taking parts, so that its dispatch stays in the queue to be read.
-    replies = app.control.cancel_consumer(PARTS_QUEUE, destination=[coordinator.name], reply=True, timeout=10)
-    assert replies and "ok" in next(iter(replies[0].values())), replies
     events: list[dict] = []
     listener = listen_for_events(app, events)
 
@@ -72,14 +70,15 @@ def test_many_parts_are_sent_in_batches_and_complete_once_through_the_chord(make
         assert message["properties"]["delivery_info"]["routing_key"] == PARTS_QUEUE
         # Ids and numbers only.
         assert args == [] and set(kwargs) == PART_KWARGS
-        assert kwargs == {"upload_id": handle.upload_id, "part_number": index + 1, "generation": kwargs["generation"]}
-        assert ast.literal_eval(headers["kwargsrepr"]) == kwargs
+        assert kwargs == signed(contract.UPLOAD_PART, upload_id=handle.upload_id, part_number=index + 1, generation=kwargs["generation"])
+        # Shown (logs, Flower) without the proof.
+        assert ast.literal_eval(headers["kwargsrepr"]) == {**kwargs, "proof": "***"}
         body = embed["chord"]
         assert body["task"] == contract.COMPLETE_UPLOAD
-        assert body["kwargs"] == {"upload_id": handle.upload_id, "generation": kwargs["generation"]}
+        assert body["kwargs"] == signed(contract.COMPLETE_UPLOAD, upload_id=handle.upload_id, generation=kwargs["generation"])
         (errback,) = body["options"]["link_error"]
         assert errback["task"] == contract.UPLOAD_FAILED
-        assert errback["kwargs"] == {"upload_id": handle.upload_id, "generation": kwargs["generation"]}
+        assert errback["kwargs"] == signed(contract.UPLOAD_FAILED, upload_id=handle.upload_id, generation=kwargs["generation"])
         bodies.add(body["options"]["task_id"])
     assert len(bodies) == 1
     (body_id,) = bodies
@@ -192,7 +191,7 @@ def test_batched_messages_are_the_messages_of_celerys_own_chord(make_stack, monk
         assert {decode(m)["headers"]["group"] for m in messages} == {group_id}
         assert len({decode(m)["decoded"][2]["chord"]["options"]["task_id"] for m in messages}) == 1
         assert int(backend.client.get(backend.get_key_for_group(group_id, ".s"))) == 12
-    for index, (p, f) in enumerate(zip(plain, fast)):
+    for index, (p, f) in enumerate(zip(plain, fast, strict=True)):
         assert _normalized(f) == _normalized(p), f"message {index}"
         assert decode(f)["headers"]["group_index"] == index
 

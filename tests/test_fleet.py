@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import Stack, sha256_file
 from uploader.checkpoint.store import Lease
-from uploader.localstack import wait_until
+from uploader.dev.localstack import wait_until
 from uploader.maintenance import RECOVERY_ROLE
 from uploader.planner import MiB
 
@@ -168,7 +168,7 @@ def test_a_forked_pool_process_never_shares_the_parents_connections() -> None:
     import os
 
     from uploader.context import default_context
-    from uploader.objectstore import object_store
+    from uploader.storage.adapter import object_store
 
     parent = default_context()
     pid = os.fork()

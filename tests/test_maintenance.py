@@ -11,7 +11,7 @@ import redis
 from tests.conftest import Stack, sha256_file
 from uploader import contract
 from uploader.context import UploaderContext
-from uploader.localstack import wait_until
+from uploader.dev.localstack import wait_until
 from uploader.maintenance import janitor_plan
 from uploader.planner import MiB
 

@@ -12,8 +12,8 @@ import sys
 from celery import Celery
 
 from tests.conftest import ACCESS_KEY, SECRET_KEY, Stack, listen_for_events, sha256_file
-from uploader.localstack import wait_until
 from uploader.cli import ExitCode
+from uploader.dev.localstack import wait_until
 from uploader.planner import MiB
 
 
@@ -36,7 +36,8 @@ def test_task_events_show_ids_and_numbers_only_and_no_secrets(make_stack) -> Non
     assert len(parts) == 3
     for event in parts:
         kwargs = ast.literal_eval(event["kwargs"])
-        assert set(kwargs) == {"upload_id", "part_number", "generation"}
+        # Ids and numbers, and the proof that a worker sent it, redacted (uploader/auth.py).
+        assert set(kwargs) == {"upload_id", "part_number", "generation", "proof"} and kwargs["proof"] == "***"
         assert kwargs["upload_id"] == handle.upload_id
         assert isinstance(kwargs["part_number"], int) and isinstance(kwargs["generation"], int)
     assert {e["name"] for e in received} >= {"uploader.start_upload", "uploader.upload_part", "uploader.complete_upload"}

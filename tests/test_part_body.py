@@ -4,9 +4,10 @@ reusable buffer (see tests/test_slow_link.py for why it matters on a slow link).
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
-from uploader.objectstore import BodyView
 from uploader.planner import MiB
+from uploader.storage.bodies import BodyView
 from uploader.transfer import part_buffer
 
 # -- BodyView ---------------------------------------------------------------------------------
@@ -45,12 +46,16 @@ def test_body_view_gives_botocore_the_content_length() -> None:
 
 
 def test_a_last_part_reuses_the_threads_buffer() -> None:
-    full = part_buffer(1024)
-    last = part_buffer(100)
-    assert len(full) == 1024 and len(last) == 100
-    assert last.obj is full.obj, "a shorter part is a slice of the same buffer"
-    bigger = part_buffer(2048)
-    assert len(bigger) == 2048 and bigger.obj is not full.obj
+    def in_a_fresh_thread() -> None:  # buffers are per thread: earlier tests sized this one's
+        full = part_buffer(1024)
+        last = part_buffer(100)
+        assert len(full) == 1024 and len(last) == 100
+        assert last.obj is full.obj, "a shorter part is a slice of the same buffer"
+        bigger = part_buffer(2048)
+        assert len(bigger) == 2048 and bigger.obj is not full.obj
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(in_a_fresh_thread).result()
 
 
 # -- Expect: 100-continue --------------------------------------------------------------------------
@@ -60,7 +65,7 @@ def test_only_large_bodies_wait_for_100_continue(stack) -> None:  # type: ignore
     """A small object goes out with its headers (no round trip for the interim response); a part
     of several MiB still asks first, so that a refused request costs no megabytes."""
     from tests.conftest import s3_client
-    from uploader.objectstore import EXPECT_CONTINUE_MIN_BYTES, ObjectStore
+    from uploader.storage.adapter import EXPECT_CONTINUE_MIN_BYTES, ObjectStore
 
     objects = ObjectStore(stack.settings, client=s3_client(stack.endpoint_url))
     expect: dict[str, object] = {}

@@ -1,5 +1,5 @@
 """A worker's memory is the worker's decision: a part larger than ``UPLOADER_PART_BUFFER_MAX``
-is checksummed in a first pass and then sent through :class:`~uploader.objectstore.RangeBody`,
+is checksummed in a first pass and then sent through :class:`~uploader.storage.bodies.RangeBody`,
 both reading the part in chunks through a bounded buffer, whatever part size the request chose.
 
 Unit tests of the streaming body and the chunked checksums, the same against a real S3 server,
@@ -13,6 +13,7 @@ import random
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,9 +26,11 @@ from tests.conftest import Stack, s3_client, sha256_file
 from uploader.checksums import checksum_b64, checksums_b64, md5_b64_to_etag
 from uploader.config import Settings
 from uploader.errors import SourceChanged
-from uploader.objectstore import EXPECT_CONTINUE_MIN_BYTES, ObjectStore, RangeBody
+from uploader.model import ObjectOptions
 from uploader.planner import MiB
 from uploader.sources import Fingerprint, LocalFileSource, SourceRange
+from uploader.storage.adapter import EXPECT_CONTINUE_MIN_BYTES, ObjectStore
+from uploader.storage.bodies import RangeBody
 from uploader.transfer import STREAM_CHUNK, stream_chunk_size
 
 KiB = 1024
@@ -224,7 +227,7 @@ def test_a_source_range_holds_one_descriptor_for_both_passes(tmp_path: Path) -> 
 
 
 def test_large_bodies_still_wait_for_100_continue() -> None:
-    from uploader.objectstore import _expect_continue_for_large_bodies_only
+    from uploader.storage.adapter import _expect_continue_for_large_bodies_only
 
     class Fixed:
         def __init__(self, length: int) -> None:
@@ -243,7 +246,7 @@ def test_large_bodies_still_wait_for_100_continue() -> None:
 @given(data=st.binary(max_size=5000), cuts=st.lists(st.integers(0, 5000), max_size=8))
 def test_chunked_checksums_equal_the_one_shot_ones(data: bytes, cuts: list[int]) -> None:
     edges = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
-    chunks = [memoryview(data)[a:b] for a, b in zip(edges, edges[1:])]
+    chunks = [memoryview(data)[a:b] for a, b in pairwise(edges)]
     crc, md5 = checksums_b64(chunks, ("crc32", "md5"))
     assert crc == checksum_b64("crc32", data)
     assert md5 == checksum_b64("md5", data)
@@ -322,7 +325,8 @@ def test_a_streamed_part_is_sent_and_adopted_within_the_budget(stack: Stack, tmp
             tracemalloc.reset_peak()
             record = SimpleNamespace(
                 source=str(path), bucket=bucket, key="obj", size=fp.size, mtime_ns=fp.mtime_ns,
-                part_size=part_size, part_count=3, created=time.time(),
+                file_id=fp.to_record()["file_id"], part_size=part_size, part_count=3, created=time.time(), endpoint="",
+                checksum_algorithm="", options=ObjectOptions(), source_endpoint="", source_credentials="",
             )
             ctx = UploaderContext(settings=worker_settings, checkpoint=None, objects=objects)  # type: ignore[arg-type]
             # In a thread of its own, as in a worker (and so as to leave this thread's part buffer alone).

@@ -17,7 +17,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -30,12 +30,12 @@ from click.testing import CliRunner
 from kombu import Connection
 from kombu.serialization import dumps as kombu_dumps
 
-from tests.conftest import listen_for_events, Stack, sha256_file
-from uploader import contract
+from tests.conftest import FLEET_KEY, Stack, listen_for_events, sha256_file
+from uploader import auth, contract
 from uploader.checkpoint.deadletter import BODY_BYTES, DeadLetters, make_entry, printable
 from uploader.config import Settings
 from uploader.contract import CONTROL_QUEUE, PARTS_QUEUE
-from uploader.localstack import wait_until
+from uploader.dev.localstack import wait_until
 from uploader.planner import MiB
 from workers import poison, transport
 
@@ -125,7 +125,7 @@ def drop(*path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 
 def far_eta() -> str:
-    return (datetime.now(timezone.utc) + timedelta(seconds=VISIBILITY_TIMEOUT + 3600)).isoformat()
+    return (datetime.now(UTC) + timedelta(seconds=VISIBILITY_TIMEOUT + 3600)).isoformat()
 
 
 def _kwarg(name: str, value: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -253,18 +253,24 @@ def test_messages_celery_sends_for_each_of_our_tasks_pass(client_app: Celery) ->
         contract.CANCEL_UPLOAD: ((), {"upload_id": UPLOAD_ID}),
         contract.UPLOAD_PART: ((), {"upload_id": UPLOAD_ID, "part_number": 10_000, "generation": 0}),
         contract.PUT_OBJECT: ((), {"upload_id": UPLOAD_ID, "generation": 2}),
+        contract.START_MANY: ((), {"uploads": [{"source": "/data/a", "bucket": "bucket-1", "key": "a"}]}),
+        contract.PUT_OBJECTS: ((), {"uploads": [[UPLOAD_ID, 1], [UPLOAD_ID + "x", 2]]}),
         contract.COMPLETE_UPLOAD: ((), {"upload_id": UPLOAD_ID, "generation": 2}),
         contract.RECONCILE: ((), {}),
         contract.JANITOR: ((), {"dry_run": True}),
         contract.UPLOAD_FAILED: ((celery_uuid(),), {"upload_id": UPLOAD_ID, "generation": 2}),
+        contract.START_BATCH: ((), {"source": "/data/dir", "bucket": "bucket-1", "include": ["*.bin"], "options": {"part_size": 5 << 20}}),
+        contract.LIST_BATCH: ((), {"batch_id": UPLOAD_ID, "page": 12}),
+        contract.CANCEL_BATCH: ((UPLOAD_ID,), {}),
+        contract.RESUME_BATCH: ((), {"batch_id": UPLOAD_ID}),
     }
     assert set(ours) == set(contract.TASK_ARGUMENTS)
     envelopes = []
     for name, (args, kwargs) in ours.items():
         queue = PARTS_QUEUE if name in contract.PART_TASKS else CONTROL_QUEUE
-        envelopes += sent(app, queue, lambda: app.send_task(name, args=args, kwargs=kwargs))
+        envelopes += sent(app, queue, lambda name=name, args=args, kwargs=kwargs: app.send_task(name, args=args, kwargs=kwargs))
         # A retry: countdown and retries, as Task.retry sends it; with an expiry and time limits.
-        envelopes += sent(app, queue, lambda: app.send_task(
+        envelopes += sent(app, queue, lambda name=name, args=args, kwargs=kwargs: app.send_task(
             name, args=args, kwargs=kwargs, countdown=60, retries=3, expires=600, time_limit=30, soft_time_limit=20,
         ))
     # The chord errback as Celery sends it for a failed part: a group of one, the failed id first.
@@ -345,6 +351,15 @@ def test_task_arguments_table_matches_the_tasks() -> None:
     (contract.UPLOAD_PART, [UPLOAD_ID, 0, 0], {}, "argument 'part_number' is 0, below 1"),
     (contract.UPLOAD_FAILED, ["a b"], {"upload_id": UPLOAD_ID, "generation": 0}, "is not a task id"),
     (contract.START_UPLOAD, [], {"anything": ["the task checks it"]}, None),
+    (contract.START_MANY, [], {"uploads": [{"anything": "the coordinator checks it"}]}, None),
+    (contract.START_MANY, [], {"uploads": [{}] * (contract.MAX_UPLOADS_PER_MESSAGE + 1)},
+     f"above the maximum of {contract.MAX_UPLOADS_PER_MESSAGE} per message: send a longer list as several messages"),
+    (contract.START_MANY, [], {"uploads": []}, "has 0 entries, fewer than 1"),
+    (contract.START_MANY, [], {"uploads": {"source": "x"}}, "argument 'uploads' must be an array, not object"),
+    (contract.START_MANY, [], {"uploads": ["x"]}, "entry 0: must be an object"),
+    (contract.PUT_OBJECTS, [], {"uploads": [[UPLOAD_ID, 1]]}, None),
+    (contract.PUT_OBJECTS, [], {"uploads": [[UPLOAD_ID]]}, "entry 0: must be an array [upload_id, generation]"),
+    (contract.PUT_OBJECTS, [], {"uploads": [["../x", 1]]}, "entry 0: argument 'upload_id'"),
     ("celery.chord_unlock", [1, 2], {"x": 1}, None),
 ])
 def test_task_arguments(task: str, args: list[Any], kwargs: dict[str, Any], problem: str | None) -> None:
@@ -383,8 +398,8 @@ def test_quarantine_logs_the_entry_when_redis_is_unreachable(monkeypatch, caplog
 def test_the_backstop_quarantines_whatever_celerys_handler_raises(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """An exception out of Celery's strategy (a malformation the checks missed) is quarantined and
     acked, never raised; an error of the broker connection is raised (the consumer reconnects)."""
-    from workers.consumer import QuarantiningConsumer
     from workers.app import app
+    from workers.consumer import QuarantiningConsumer
 
     raised: list[BaseException] = []
 
@@ -392,7 +407,8 @@ def test_the_backstop_quarantines_whatever_celerys_handler_raises(monkeypatch) -
         raise raised[-1]
 
     consumer = object.__new__(QuarantiningConsumer)
-    consumer.app, consumer.strategies, consumer.on_task_message = app, {contract.RECONCILE: strategy}, set()
+    # (A public task: an internal one would be refused first, for having no proof.)
+    consumer.app, consumer.strategies, consumer.on_task_message = app, {contract.CANCEL_UPLOAD: strategy}, set()
     consumer.call_soon_ack = lambda *a, **k: None
     consumer._maximum_prefetch_restored, consumer.restart_count = True, 0
     quarantined: list[tuple[str, Any]] = []
@@ -400,8 +416,8 @@ def test_the_backstop_quarantines_whatever_celerys_handler_raises(monkeypatch) -
     handler = consumer.create_task_handler()
 
     class Message:
-        headers = {"task": contract.RECONCILE, "id": "id-1", "lang": "py"}
-        content_type, content_encoding, body = "application/json", "utf-8", b"[[], {}, {}]"
+        headers = {"task": contract.CANCEL_UPLOAD, "id": "id-1", "lang": "py"}
+        content_type, content_encoding, body = "application/json", "utf-8", b'[[], {"upload_id": "up-1"}, {}]'
         ack_log_error = reject_log_error = None
 
         def decode(self) -> Any:
@@ -588,7 +604,7 @@ def test_poison_messages_are_quarantined_and_the_worker_keeps_going(make_stack, 
         for name, (_, words) in MALFORMED.items():
             before = dead.count()
             r.lpush(queue, malformed(client_app, queue, name))
-            wait_until(lambda: dead.count() > before or not worker.alive(), 30, f"{name!r} on {queue} quarantined")
+            wait_until(lambda before=before: dead.count() > before or not worker.alive(), 30, f"{name!r} on {queue} quarantined")
             assert worker.alive(), worker.log_text()[-3000:]
             (entry,) = dead.list(1)
             assert entry["queue"] == queue, (name, entry)
@@ -609,7 +625,7 @@ def test_poison_messages_are_quarantined_and_the_worker_keeps_going(make_stack, 
     lines = worker.log_text().splitlines()
     quarantined = [line for line in lines if QUARANTINED in line]
     assert len(quarantined) == len(expected)
-    for line, (queue, _name, reason) in zip(quarantined, expected):
+    for line, (queue, _name, reason) in zip(quarantined, expected, strict=True):
         assert f"{QUARANTINED} {queue}: {printable(reason, 300)}" in line
         assert len(line) < 1000
     text = "\n".join(lines)
@@ -682,8 +698,10 @@ def test_display_headers_with_line_breaks_are_made_printable_not_refused(make_st
     events: list[dict[str, Any]] = []
     listen_for_events(app, events)
     forged = "x\n[2030-01-01 00:00:00,000: ERROR/MainProcess] FORGED"
+    kwargs = auth.signed(FLEET_KEY.encode(), contract.RECONCILE, {})
     result = app.send_task(
-        contract.RECONCILE, kwargs={}, queue=CONTROL_QUEUE, argsrepr=forged, kwargsrepr=forged + "\r\n" + "y" * 20000,
+        contract.RECONCILE, kwargs=kwargs, queue=CONTROL_QUEUE, argsrepr=forged + "\r\n" + "y" * 20000,
+        kwargsrepr=forged,
     )
     assert result.get(timeout=60) == []
     lines = worker.log_text().splitlines()
@@ -691,7 +709,10 @@ def test_display_headers_with_line_breaks_are_made_printable_not_refused(make_st
     # What Flower shows (the task-received event) is one printable line of bounded length.
     wait_until(lambda: any(e.get("type") == "task-received" and e.get("uuid") == result.id for e in events), 30, "the event")
     received = next(e for e in events if e.get("type") == "task-received" and e.get("uuid") == result.id)
-    for shown in (received["args"], received["kwargs"]):
-        assert "FORGED" in shown and shown.isprintable() and len(shown) <= 8192 + 3, shown[:200]
+    shown = received["args"]
+    assert "FORGED" in shown and shown.isprintable() and len(shown) <= 8192 + 3, shown[:200]
+    # The kwargs hold a proof: they are shown as they are, the proof redacted, whatever the
+    # sender's kwargsrepr said.
+    assert received["kwargs"] == "{'proof': '***'}" and kwargs["proof"] not in worker.log_text()
     assert DeadLetters(_raw_redis(stack), prefix=stack.settings.key_prefix).count() == 0
     app.close()

@@ -17,9 +17,9 @@ from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
 from uploader import InvalidRequest, UploadFailed, contract
 from uploader.cli import ExitCode
-from uploader.localstack import free_port, wait_until
-from uploader.objectstore import store_error
+from uploader.dev.localstack import free_port, wait_until
 from uploader.planner import MiB
+from uploader.storage.errors import store_error
 
 PART = 5 * MiB
 

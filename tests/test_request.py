@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from typing import Any
 
 import pytest
@@ -202,12 +203,29 @@ def test_key_length_in_utf8_bytes(key: str, ok: bool) -> None:
 
 @PROPS
 @given(key=st.text(max_size=600))
-def test_key_accepted_iff_1_to_1024_utf8_bytes(key: str) -> None:
+@example(key="a\nb").via("a newline forges a log line and breaks status's table")
+@example(key="a\x00b").via("S3 servers refuse NUL")
+@example(key="a\x85b").via("C1 controls too")
+def test_key_accepted_iff_1_to_1024_utf8_bytes_without_control_characters(key: str) -> None:
     size = len(key.encode("utf-8"))
-    if 1 <= size <= 1024:
+    if 1 <= size <= 1024 and not any(unicodedata.category(c) == "Cc" for c in key):
         assert parse_request(valid(key=key)).key == key
     else:
         assert "key:" in refusal(valid(key=key))
+
+
+@pytest.mark.parametrize("field", ["key", "source"])
+@pytest.mark.parametrize("char", ["\ud800", "\udfff", "\udcff"])
+def test_unpaired_surrogates_refused_by_name(field: str, char: str) -> None:
+    """JSON can carry them; UTF-8, Redis and S3 cannot (it was a UnicodeEncodeError deep inside)."""
+    message = refusal(valid(**{field: f"/data/a{char}b"}))
+    assert f"{field}: {field} contains an unpaired surrogate" in message and message.isprintable()
+
+
+def test_hostile_option_names_are_quoted_short_and_escaped() -> None:
+    message = refusal(valid(**{"x" * 10_000: 1, "a\nb": 2, "\ud800": 3, **{f"o{i}": i for i in range(20)}}))
+    assert len(message) < 600 and message.isprintable(), message
+    assert "unknown option 'a\\nb'" in message and "and 18 more" in message
 
 
 # -- source ---------------------------------------------------------------------------------------

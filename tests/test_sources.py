@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import threading
 import time
 from pathlib import Path
@@ -14,8 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uploader.bandwidth import TokenBucket
+from uploader.config import Settings
 from uploader.errors import SourceChanged, SourceError
-from uploader.sources import Fingerprint, LocalFileSource, open_source, resolve_within_roots
+from uploader.sources import OPEN_FLAGS, Fingerprint, LocalFileSource, S3ObjectSource, open_source, resolve_within_roots
+from uploader.sources.local import check_descriptor
+from uploader.storage.adapter import object_store
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -118,9 +122,26 @@ def test_open_source_kinds(tree: dict[str, Path]) -> None:
     assert isinstance(source, LocalFileSource)
     assert source.name == str(root / "file")
     assert isinstance(open_source(f"file://{root}/file", (root,)), LocalFileSource)
-    for unsupported in ("s3://bucket/key", "https://example.com/x"):
+    for unsupported in ("ftp://example.com/x", "gs://bucket/key"):
         with pytest.raises(SourceError, match="unsupported"):
             open_source(unsupported, (root,))
+    # An S3 object is read through the store of its endpoint, which only workers have.
+    with pytest.raises(SourceError, match="read by the workers only"):
+        open_source("s3://bucket/key", (root,))
+    settings = Settings(
+        source_buckets="oss:bucket,open", endpoints={"oss": {"profile": "oss", "endpoint_url": "http://127.0.0.1:1"}}
+    )
+    allowed = settings.source_buckets
+    s3 = open_source("s3://bucket/a/key", (root,), objects_for=lambda name: object_store(settings, name), endpoint="oss",
+                     source_buckets=allowed)
+    assert isinstance(s3, S3ObjectSource) and (s3.bucket, s3.key) == ("bucket", "a/key")
+    assert s3.objects.endpoint.name == "oss"
+    # Only from the buckets the workers name (UPLOADER_SOURCE_BUCKETS), on their endpoint.
+    for bucket, endpoint in (("bucket", ""), ("open", "oss"), ("other", "oss")):
+        with pytest.raises(SourceError, match="is not among the workers' source buckets"):
+            open_source(f"s3://{bucket}/k", (root,), objects_for=lambda name: object_store(settings, name), endpoint=endpoint,
+                        source_buckets=allowed)
+    assert open_source("s3://open/k", (root,), objects_for=lambda name: object_store(settings, name), source_buckets=allowed)
 
 
 # -- fingerprint ----------------------------------------------------------------------------------
@@ -130,9 +151,12 @@ def test_fingerprint_of_regular_file(tree: dict[str, Path]) -> None:
     path = tree["root"] / "file"
     fp = LocalFileSource(str(path), (tree["root"],)).fingerprint()
     st_ = os.stat(path)
-    assert fp == Fingerprint(size=st_.st_size, mtime_ns=st_.st_mtime_ns)
+    assert (fp.size, fp.mtime_ns) == (st_.st_size, st_.st_mtime_ns)
+    # and which file it is (device and inode), for comparisons on this machine
+    assert fp.file_id is not None and (fp.file_id.dev, fp.file_id.ino) == (st_.st_dev, st_.st_ino)
+    assert fp == Fingerprint.of(st_)
     assert fp.size == len(b"inside")
-    assert fp.to_dict() == {"size": st_.st_size, "mtime_ns": st_.st_mtime_ns}
+    assert fp.to_dict() == {"size": st_.st_size, "mtime_ns": st_.st_mtime_ns, "file_id": fp.file_id.encode()}
 
 
 def test_fingerprint_missing_file(tree: dict[str, Path]) -> None:
@@ -155,11 +179,26 @@ def test_fingerprint_fifo_is_not_a_regular_file(tree: dict[str, Path]) -> None:
         source.fingerprint()
 
 
-def test_fingerprint_character_device_is_not_a_regular_file() -> None:
+def test_fingerprint_character_device_is_not_a_regular_file(tmp_path: Path) -> None:
+    """/dev is refused whatever the roots (the deny-list); a device node anywhere is refused on
+    its descriptor."""
     if not os.path.exists("/dev/null"):
         pytest.skip("no /dev/null")
-    with pytest.raises(SourceError, match="not a regular file"):
+    with pytest.raises(SourceError, match="refused: it is in /dev"):
         LocalFileSource("/dev/null", (Path("/dev"),)).fingerprint()
+    fd = os.open("/dev/null", OPEN_FLAGS)
+    try:
+        with pytest.raises(SourceError, match=r"not a regular file \(a character device\)"):
+            check_descriptor(fd, "/dev/null", began=False)
+    finally:
+        os.close(fd)
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        return  # creating device nodes needs CAP_MKNOD
+    with pytest.raises(SourceError, match=r"not a regular file \(a character device\)"):
+        LocalFileSource(str(node), (tmp_path,)).fingerprint()
 
 
 @pytest.mark.skipif(RUNNING_AS_ROOT, reason="root bypasses file permissions, so chmod 000 stays readable")

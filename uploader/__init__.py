@@ -6,9 +6,10 @@
     handle.wait(timeout=3600)
 """
 
-from uploader.client import UploadHandle, Uploader, UploadStatus
+from uploader.client import Uploader, UploadHandle, UploadStatus
 from uploader.errors import (
     InvalidRequest,
+    NotAuthorized,
     SourceChanged,
     SourceError,
     UploadCancelled,
@@ -30,4 +31,5 @@ __all__ = [
     "UploadConflict",
     "UploadFailed",
     "UploadCancelled",
+    "NotAuthorized",
 ]

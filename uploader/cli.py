@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -16,13 +17,18 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from uploader import logsafe
+from uploader.auth import FLEET_KEY_MISSING
 from uploader.client import Uploader, UploadStatus
 from uploader.errors import (
     InvalidRequest,
+    Misconfigured,
+    NotAuthorized,
     NoWorkers,
     SourceChanged,
     SourceError,
@@ -36,6 +42,7 @@ from uploader.errors import (
     UploadRefused,
 )
 from uploader.planner import format_size, parse_size
+from uploader.request import check_upload_id
 
 console = Console(stderr=True)
 
@@ -57,6 +64,8 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 5
     #: The upload was cancelled.
     CANCELLED = 6
+    #: A required setting is missing or invalid (e.g. a worker without UPLOADER_FLEET_KEY).
+    MISCONFIGURED = 7
     #: Interrupted (Ctrl-C); the upload goes on.
     INTERRUPTED = 130
 
@@ -74,7 +83,9 @@ _EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (SourceError, ExitCode.REFUSED),
     (SourceChanged, ExitCode.REFUSED),
     (UploadConflict, ExitCode.REFUSED),
+    (NotAuthorized, ExitCode.REFUSED),
     (TimeoutError, ExitCode.TIMED_OUT),
+    (Misconfigured, ExitCode.MISCONFIGURED),
     (UploaderError, ExitCode.FAILED),
 )
 
@@ -91,7 +102,11 @@ def exit_code(exc: BaseException) -> ExitCode:
 
 
 def _fail(message: str, code: ExitCode) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    # One line, whatever the message quotes (a key, a path, a server's answer): control
+    # characters escaped, so it can neither break the line nor drive the terminal.
+    console.print(
+        f"[red]error:[/red] {escape(logsafe.escape_controls(message))}", highlight=False, soft_wrap=True, emoji=False
+    )
     sys.exit(int(code))
 
 
@@ -104,6 +119,8 @@ def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(exc), exit_code(exc))
         except KeyboardInterrupt:
             _fail("interrupted", ExitCode.INTERRUPTED)
+        except ValidationError as exc:  # the UPLOADER_* settings (their values are never shown)
+            _fail(f"invalid settings: {settings_problems(exc)}", ExitCode.REFUSED)
         except Exception as exc:  # a bug: one line for the user, the traceback on request
             if os.environ.get("UPLOADER_DEBUG"):
                 raise
@@ -112,8 +129,24 @@ def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """The problems of invalid settings on one line, each under its variable's name."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in error["loc"])
+        problems.append(f"UPLOADER_{field.upper()}: {message}" if field else message)
+    return "; ".join(problems)
+
+
 def _uploader() -> Uploader:
-    return Uploader.from_env(interactive=True)
+    from uploader.capabilities import CapabilityStore, default_directory
+    from uploader.config import get_settings
+
+    # The CLI keeps the capability tokens of what it submits on disk: `cancel` and `resume`
+    # from the same user account find them there.
+    directory = get_settings().capability_dir or default_directory()
+    return Uploader.from_env(interactive=True, capabilities=CapabilityStore(directory))
 
 
 def _size(_: click.Context, __: click.Parameter, value: str | None) -> int | None:
@@ -125,22 +158,68 @@ def _size(_: click.Context, __: click.Parameter, value: str | None) -> int | Non
         raise click.BadParameter(str(exc)) from None
 
 
-def _metadata(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> dict[str, str] | None:
-    out = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: write metadata as NAME=VALUE")
-        out[name] = value
-    return out or None
+class Seconds(click.ParamType):
+    """A number of seconds: finite and not negative (a NaN deadline is never reached, and an
+    infinite one is no deadline: leave the option out instead)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float) and math.isfinite(value) and value >= 0:
+            return value
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            self.fail(f"{logsafe.escape_controls(repr(value)[:40])} is not a number of seconds (0 or more)", param, ctx)
+        return seconds
+
+
+SECONDS = Seconds()
+#: Most rows a listing shows (Redis takes 64-bit indexes; nobody reads more).
+MAX_LISTED = 100_000
+
+
+def _upload_id(_: click.Context, __: click.Parameter, value: str) -> str:
+    try:
+        check_upload_id(value)
+    except InvalidRequest as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _pairs(what: str, shape: str) -> Any:
+    """A click callback reading repeated ``NAME=VALUE`` options into a dict (``None`` if none)."""
+
+    def parse(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> dict[str, str] | None:
+        out = {}
+        for item in values:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{item!r}: write {what} as {shape}")
+            out[name] = value
+        return out or None
+
+    return parse
+
+
+_metadata = _pairs("metadata", "NAME=VALUE")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
 @click.version_option(package_name="uploader")
-def main() -> None:
+@click.option(
+    "--log-level", envvar="UPLOADER_LOG_LEVEL", default="WARNING", show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+    help="Log level of this command's own log lines on stderr (escaped, credentials redacted). "
+    "Workers: `uploader worker --loglevel`.",
+)
+def main(log_level: str) -> None:
     """Distributed, resumable multipart uploads to S3-compatible storage.
 
     Configuration comes from UPLOADER_* environment variables (see the README)."""
+    logsafe.configure_cli_logging(log_level.upper())
 
 
 @main.command()
@@ -149,23 +228,95 @@ def main() -> None:
 @click.option("--part-size", callback=_size, help="Part size, e.g. 16MiB (5MiB..5GiB). Default: 8MiB, grown to fit 10,000 parts.")
 @click.option("--upload-id", help="Idempotency key: submitting the same id again continues that upload.")
 @click.option("--metadata", "-m", multiple=True, callback=_metadata, help="User metadata NAME=VALUE (repeatable).")
-@click.option("--content-type", help="Content-Type of the stored object.")
-@click.option("--abort-on-failure", is_flag=True, help="Abort the multipart upload if it fails (default: keep parts for resume).")
-@click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
-@click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.option("--content-type", help="Content-Type of the stored object (default: guessed from the key or the file name).")
+@click.option("--cache-control", help="Cache-Control header of the stored object.")
+@click.option("--content-disposition", help="Content-Disposition header of the stored object.")
+@click.option("--content-encoding", help="Content-Encoding header of the stored object.")
+@click.option("--content-language", help="Content-Language header of the stored object.")
+@click.option("--expires", help="Expires header: an ISO 8601 date-time with its zone, e.g. 2030-01-31T00:00:00Z.")
+@click.option("--acl", help="Canned ACL: private, public-read, bucket-owner-full-control, ...")
+@click.option("--storage-class", help="Storage class: STANDARD, STANDARD_IA, GLACIER_IR, ...")
+@click.option("--tag", "tags", multiple=True, callback=_pairs("tag", "KEY=VALUE"), help="Object tag KEY=VALUE (repeatable; at most 10).")
+@click.option("--sse", help="Server-side encryption: AES256 or aws:kms.")
+@click.option("--sse-kms-key-id", help="KMS key (id, ARN or alias) for --sse aws:kms.")
+@click.option("--bucket-key", "bucket_key_enabled", is_flag=True, default=None, help="Use an S3 Bucket Key for SSE-KMS.")
+@click.option("--sse-c-key", "sse_customer_key", metavar="NAME", help="SSE-C: the NAME of a key in the workers' UPLOADER_SSE_C_KEYS.")
+@click.option("--no-overwrite", is_flag=True, help="Fail instead of replacing an existing object at the key.")
+@click.option("--object-lock-mode", help="Object lock mode: GOVERNANCE or COMPLIANCE (with --object-lock-retain-until).")
+@click.option("--object-lock-retain-until", help="Object lock retention date: ISO 8601 with its zone.")
+@click.option("--object-lock-legal-hold", help="Object lock legal hold: ON or OFF.")
+@click.option("--expected-bucket-owner", help="Account id (12 digits) the bucket must belong to.")
+@click.option("--request-payer", help="'requester' to upload into a Requester Pays bucket.")
 @click.option(
-    "--accept-timeout", type=float, default=None,
+    "--checksum", "checksum_algorithm", type=click.Choice(["CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256", "MD5"], case_sensitive=False),
+    help="Per-part checksum, combined into the whole object's (default: the workers' UPLOADER_PART_CHECKSUM).",
+)
+@click.option("--abort-on-failure", is_flag=True, help="Abort the multipart upload if it fails (default: keep parts for resume).")
+@click.option("--callback-url", help="POST the result here (signed JSON) when the upload completes, fails for good or is cancelled.")
+@click.option("--callback-var", "callback_vars", multiple=True, callback=_pairs("callback variables", "NAME=VALUE"),
+              help="A variable NAME=VALUE sent with the notification (repeatable).")
+@click.option("--callback-body", metavar="TEMPLATE",
+              help="POST this body instead of the JSON result, e.g. 'bucket=${bucket}&object=${object}&who=${x:who}' (OSS's callbackBody).")
+@click.option("--callback-body-type", type=click.Choice(["application/x-www-form-urlencoded", "application/json"]),
+              help="Content type of --callback-body, and how its values are escaped (default: application/x-www-form-urlencoded).")
+@click.option("--on-complete", metavar="TASK", help="Celery task (by name) sent with the result when the upload completes.")
+@click.option("--on-failure", metavar="TASK", help="Celery task (by name) sent with the result when it fails for good or is cancelled.")
+@click.option("--callback-queue", metavar="QUEUE", help="Queue of the --on-complete/--on-failure tasks (default: celery).")
+@click.option("--oss-callback", metavar="JSON",
+              help="Alibaba OSS's own callback (oss profile only): its JSON, e.g. '{\"callbackUrl\": \"https://...\", \"callbackBody\": \"...\"}'.")
+@click.option("--oss-callback-var", "oss_callback_vars", multiple=True, callback=_pairs("OSS callback variables", "x:NAME=VALUE"),
+              help="An OSS callback variable x:NAME=VALUE (repeatable; with --oss-callback).")
+@click.option("--endpoint", help="Named S3 endpoint of the workers (UPLOADER_ENDPOINTS). Default: the one from UPLOADER_S3_*.")
+@click.option("--source-credentials", metavar="NAME",
+              help="An http(s):// source's credentials: the NAME of a header or basic auth in the workers' UPLOADER_SOURCE_CREDENTIALS.")
+@click.option("--source-endpoint", help="Named S3 endpoint an s3://bucket/key SOURCE is read from. Default: the one from UPLOADER_S3_*.")
+@click.option(
+    "--concurrency", "max_concurrency", type=int,
+    help="At most this many parts of this upload sent at once, across every worker (default: no cap).",
+)
+@click.option(
+    "--limit-rate", "max_bandwidth", callback=_size,
+    help="Bytes per second for this upload across every worker, e.g. 10MiB (default: no limit).",
+)
+@click.option(
+    "--priority", type=click.IntRange(0, 9),
+    help="How urgent this upload is, 0-9, 9 the most urgent (default: none, the broker's default).",
+)
+@click.option("--recursive", "-r", is_flag=True, help="SOURCE is a directory: upload each of its files (a batch) under DESTINATION as a prefix.")
+@click.option("--include", multiple=True, metavar="GLOB", help="With -r: only files whose relative path matches (repeatable; '*' matches '/' too).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="With -r: leave out files whose relative path matches (repeatable).")
+@click.option("--skip-unchanged", is_flag=True, help="With -r: skip files whose object exists with the same size and fingerprint.")
+@click.option("--page-size", type=click.IntRange(1, 10_000), default=None, help="With -r: files listed per listing task (default 500).")
+@click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
+@click.option("--timeout", type=SECONDS, default=None, help="Give up waiting after this many seconds.")
+@click.option(
+    "--accept-timeout", type=SECONDS, default=None,
     help="Seconds to wait for a worker to accept or refuse the request (default UPLOADER_SUBMIT_ACCEPT_TIMEOUT, 15; 0: don't wait).",
 )
 @_friendly_errors
-def submit(source: str, destination: str, wait_: bool, timeout: float | None, accept_timeout: float | None, **options: Any) -> None:
-    """Upload SOURCE (an absolute path the workers can read) to DESTINATION (s3://bucket/key).
+def submit(
+    source: str, destination: str, wait_: bool, timeout: float | None, accept_timeout: float | None, recursive: bool,
+    include: tuple[str, ...], exclude: tuple[str, ...], skip_unchanged: bool, page_size: int | None, **options: Any,
+) -> None:
+    """Upload SOURCE (an absolute path the workers can read, an http(s):// URL, or an S3 object
+    s3://bucket/key) to DESTINATION (s3://bucket/key); with -r, every file of the directory SOURCE
+    to DESTINATION as a prefix (s3://bucket/prefix/).
 
-    Prints the upload id (on stdout, as soon as the request is sent), then waits until a worker
-    accepts the request: a refusal is the reason on stderr and exit status 2 (``status ID`` says
-    it again for a day)."""
+    Prints the upload id (the batch id with -r; on stdout, as soon as the request is sent), then
+    waits until a worker accepts the request: a refusal is the reason on stderr and exit status 2
+    (``status ID`` says it again for a day)."""
+    if recursive:
+        _submit_batch(source, destination, wait_, timeout, accept_timeout, include, exclude, skip_unchanged, page_size, options)
+        return
+    batch_only = [name for name, given in (("--include", include), ("--exclude", exclude), ("--skip-unchanged", skip_unchanged),
+                                           ("--page-size", page_size)) if given]
+    if batch_only:
+        raise InvalidRequest(f"{', '.join(batch_only)} applies to directories: add -r (--recursive)")
+    if source.endswith("/") or os.path.isdir(source):
+        raise InvalidRequest(f"source {source!r} is a directory: add -r (--recursive) to upload its files")
     up = _uploader()
-    handle = up.submit(source, destination, **{k: v for k, v in options.items() if v not in (None, False)})
+    # (`is`, not `in (None, False)`: 0 == False, and `--part-size 0` must reach validation.)
+    handle = up.submit(source, destination, **{k: v for k, v in options.items() if v is not None and v is not False})
     click.echo(handle.upload_id)
     wait_accept = up.settings.submit_accept_timeout if accept_timeout is None else accept_timeout
     if wait_accept:
@@ -182,6 +333,51 @@ def submit(source: str, destination: str, wait_: bool, timeout: float | None, ac
             )
     if wait_:
         _follow(up, handle.upload_id, timeout, start=handle.start)
+
+
+def _submit_batch(
+    source: str, destination: str, wait_: bool, timeout: float | None, accept_timeout: float | None,
+    include: tuple[str, ...], exclude: tuple[str, ...], skip_unchanged: bool, page_size: int | None, options: dict[str, Any],
+) -> None:
+    """``submit -r``: the directory as the workers will read it (a relative one, from here: the
+    workers share the mount), one batch."""
+    up = _uploader()
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    if given.get("upload_id"):
+        raise InvalidRequest("--upload-id names one upload: a batch has one per file (its id is printed)")
+    directory = source if os.path.isabs(source) else os.path.abspath(source)
+    handle = up.submit_batch(
+        directory.rstrip("/") or "/", destination, include=include, exclude=exclude, skip_unchanged=skip_unchanged,
+        page_size=page_size, **given,
+    )
+    click.echo(handle.batch_id)
+    wait_accept = up.settings.submit_accept_timeout if accept_timeout is None else accept_timeout
+    if wait_accept:
+        try:
+            handle.accepted(wait_accept)
+        except TimeoutError:
+            _fail(f"batch {handle.batch_id} was not accepted within {wait_accept:g} s: is a worker running?", ExitCode.TIMED_OUT)
+    if wait_:
+        _follow_batch(up, handle.batch_id, timeout)
+
+
+def _follow_batch(up: Uploader, batch_id: str, timeout: float | None) -> None:
+    """Wait for the batch; its summary, and a non-zero exit unless every file was uploaded or skipped."""
+    last = up.wait_batch(batch_id, timeout=timeout)
+    console.print(_batch_summary(last), highlight=False)
+    for problem in last.failures:
+        console.print(f"  failed: {escape(logsafe.escape_controls(problem.path))}: {escape(logsafe.escape_controls(problem.reason))}",
+                      highlight=False, soft_wrap=True)
+    if last.state != "completed":
+        _fail(f"batch {batch_id} ended {last.state}", ExitCode.CANCELLED if last.state == "cancelled" else ExitCode.FAILED)
+
+
+def _batch_summary(st: Any) -> str:
+    return (
+        f"batch {st.batch_id} {st.state}: {st.files_done}/{st.files_total} files uploaded, {st.files_skipped} unchanged, "
+        f"{st.files_failed} failed, {st.files_cancelled} cancelled, {st.files_active} in progress; "
+        f"{format_size(st.bytes_done)} of {format_size(st.bytes_total)}"
+    )
 
 
 def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = None) -> None:
@@ -210,12 +406,22 @@ def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = No
 
 
 @main.command()
-@click.argument("upload_id")
+@click.argument("upload_id", callback=_upload_id)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly_errors
 def status(upload_id: str, as_json: bool) -> None:
-    """Show an upload's state, parts and bytes done, error, and when recovery last ran."""
-    st = _uploader().status(upload_id)
+    """Show an upload's (or a batch's) state, parts and bytes done, error, and when recovery last ran."""
+    up = _uploader()
+    batch = up.find_batch(upload_id)
+    if batch is not None:
+        if as_json:
+            click.echo(json.dumps(batch.to_dict(), indent=2))
+        else:
+            click.echo(_batch_summary(batch))
+            for problem in batch.failures:
+                click.echo(f"  failed: {logsafe.escape_controls(problem.path)}: {logsafe.escape_controls(problem.reason)}")
+        return
+    st = up.status(upload_id)
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
         return
@@ -237,17 +443,60 @@ def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
         ("parts", f"{st.parts_done}/{st.part_count} of {format_size(st.part_size)}"),
         ("bytes", f"{st.bytes_done}/{st.size} ({format_size(st.bytes_done)} of {format_size(st.size)})"),
     ]
+    limits = _limits_row(st)
+    if limits:
+        rows.append(("limits", limits))
+    if st.priority is not None:
+        rows.append(("priority", f"{st.priority} (0-9, 9 most urgent)"))
     if st.final_etag:
         rows.append(("etag", f"{st.final_etag} (verified: {st.verified})"))
+    result = st.result
+    if result is not None:
+        rows.append(("storage class", result.storage_class))
+        if result.version_id:
+            rows.append(("version id", result.version_id))
+    if st.checksum:
+        rows.append(("checksum", f"{st.checksum_algorithm} {st.checksum} ({st.checksum_type})"))
+    if st.crc64ecma:
+        rows.append(("crc64ecma", st.crc64ecma))
+    if st.oss_callback_answer:
+        rows.append(("oss callback answer", st.oss_callback_answer))
     if st.error:
         rows.append(("error", st.error))
     if st.retry_pending:
         assert st.retry_at is not None
         when = time.strftime("%H:%M:%S", time.localtime(st.retry_at))
         rows.append(("next", f"resumed automatically at {when} (automatic resume {st.auto_resumes + 1})"))
+    for delivery in st.notifications:
+        rows.append((f"notify {delivery.channel}", _delivery_row(delivery)))
     if st.state != "refused":
         rows.append(("recovery", _recovery_row(st)))
     return rows
+
+
+def _limits_row(st: UploadStatus) -> str:
+    """The upload's own limits across the fleet ("" when it asked for none)."""
+    limits = []
+    if st.max_concurrency:
+        limits.append(f"at most {st.max_concurrency} part{'s' if st.max_concurrency != 1 else ''} at once")
+    if st.max_bandwidth:
+        limits.append(f"{format_size(st.max_bandwidth)}/s")
+    return ", ".join(limits)
+
+
+def _delivery_row(delivery: Any) -> str:
+    """How a notification's delivery went: attempts, last status, delivered or next attempt."""
+    def at(when: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+    status = f", last status {delivery.last_status}" if delivery.last_status else ""
+    head = f"{delivery.kind}: {delivery.attempts} attempt{'s' if delivery.attempts != 1 else ''}{status}"
+    if delivery.delivered_at:
+        return f"{head}, delivered at {at(delivery.delivered_at)}"
+    if delivery.gave_up_at:
+        return f"{head}, given up at {at(delivery.gave_up_at)}: {delivery.last_error}"
+    error = f" ({delivery.last_error})" if delivery.last_error else ""
+    return f"{head}{error}, next attempt at {at(delivery.next_attempt)}" if delivery.next_attempt else f"{head}, pending"
 
 
 def _recovery_row(st: UploadStatus) -> str:
@@ -259,8 +508,8 @@ def _recovery_row(st: UploadStatus) -> str:
 
 
 @main.command()
-@click.argument("upload_id")
-@click.option("--timeout", type=float, default=None)
+@click.argument("upload_id", callback=_upload_id)
+@click.option("--timeout", type=SECONDS, default=None, help="Give up waiting after this many seconds.")
 @_friendly_errors
 def watch(upload_id: str, timeout: float | None) -> None:
     """Show a live progress bar until the upload finishes."""
@@ -268,7 +517,7 @@ def watch(upload_id: str, timeout: float | None) -> None:
 
 
 @main.command(name="list")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(0, MAX_LISTED), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @_friendly_errors
 def list_(limit: int, as_json: bool) -> None:
@@ -284,21 +533,27 @@ def list_(limit: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("upload_id")
+@click.argument("upload_id", callback=_upload_id)
 @click.option("--restart", is_flag=True, help="If the source changed, abort the old multipart upload and upload it again.")
 @click.option("--source", help="Only if the checkpoint was lost: the upload's source, to rebuild it from the server's parts.")
 @click.option("--to", "destination", help="Only if the checkpoint was lost: the upload's destination (s3://bucket/key).")
 @click.option("--part-size", callback=_size, help="Only if the checkpoint was lost: the part size the upload was submitted with, if any.")
 @click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
-@click.option("--timeout", type=float, default=None)
+@click.option("--timeout", type=SECONDS, default=None, help="Give up waiting after this many seconds.")
 @_friendly_errors
 def resume(
     upload_id: str, restart: bool, source: str | None, destination: str | None, part_size: int | None,
     wait_: bool, timeout: float | None,
 ) -> None:
-    """Continue an upload from its checkpoint, sending only missing parts."""
+    """Continue an upload from its checkpoint, sending only missing parts (a batch: its failed uploads)."""
     up = _uploader()
-    options = {"part_size": part_size} if part_size else {}
+    if up.find_batch(upload_id) is not None:
+        outcome = up.resume_batch(upload_id)
+        click.echo(f"{upload_id}: {outcome['uploads_resumed']} uploads resumed, {outcome['files_restarted']} files started again")
+        if wait_:
+            _follow_batch(up, upload_id, timeout)
+        return
+    options: dict[str, Any] = {"part_size": part_size} if part_size is not None else {}
     outcome = up.resume(upload_id, restart=restart, source=source, destination=destination, **options)
     click.echo(f"{upload_id}: dispatched {outcome['dispatched']} ({outcome['parts']} parts) {outcome['reason']}".rstrip())
     if wait_:
@@ -306,16 +561,22 @@ def resume(
 
 
 @main.command()
-@click.argument("upload_id")
+@click.argument("upload_id", callback=_upload_id)
 @_friendly_errors
 def cancel(upload_id: str) -> None:
-    """Cancel an upload: stop its parts and abort its multipart upload."""
-    outcome = _uploader().cancel(upload_id)
+    """Cancel an upload: stop its parts and abort its multipart upload (a batch: each of its uploads)."""
+    up = _uploader()
+    if up.find_batch(upload_id) is not None:
+        done = up.cancel_batch(upload_id)
+        click.echo(f"{upload_id}: {'cancelled' if done['outcome'] == 'cancelled' else 'was already cancelled'} "
+                   f"({done['uploads_cancelled']} uploads cancelled)")
+        return
+    outcome = up.cancel(upload_id)
     click.echo(f"{upload_id}: {'cancelled' if outcome == 'cancelled' else 'was already cancelled'}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--concurrency", "-c", type=int, default=None, help="Parallel parts (default UPLOADER_WORKER_CONCURRENCY, 8).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 4096), default=None, help="Parallel parts (default UPLOADER_WORKER_CONCURRENCY, 8).")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default=None, help="Celery pool (default UPLOADER_WORKER_POOL, threads).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default celery@<host>).")
@@ -327,14 +588,24 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglev
     stalled uploads, the janitor): one at a time across the fleet leads it, no scheduler needed.
     Extra arguments are passed to `celery worker`."""
     from uploader.config import get_settings
-    from uploader.localstack import worker_argv
+    from workers.command import worker_argv
 
+    if get_settings().fleet_key is None:
+        _fail(FLEET_KEY_MISSING, ExitCode.MISCONFIGURED)
     pool = pool or get_settings().worker_pool
     argv = worker_argv(
         concurrency=concurrency or get_settings().worker_concurrency, hostname=hostname, loglevel=loglevel, pool=pool
     )
     os.environ["UPLOADER_WORKER_POOL"] = pool  # the app's configured pool wins over celery's --pool
     os.execv(argv[0], argv + list(ctx.args))
+
+
+@main.command()
+def keygen() -> None:
+    """Print a new fleet key (UPLOADER_FLEET_KEY) for workers and operators."""
+    from uploader.auth import new_fleet_key
+
+    click.echo(new_fleet_key())
 
 
 @main.command()
@@ -354,12 +625,12 @@ def gc(dry_run: bool) -> None:
 @main.command()
 @click.option("--size", callback=_size, default="256MiB", show_default=True, help="Size of the generated file.")
 @click.option("--part-size", callback=_size, default="8MiB", show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes to start.")
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Threads per worker.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes to start.")
+@click.option("--concurrency", type=click.IntRange(1, 4096), default=8, show_default=True, help="Threads per worker.")
 @_friendly_errors
 def demo(size: int, part_size: int, workers: int, concurrency: int) -> None:
     """Run the whole system locally: Redis, SeaweedFS, workers, one verified upload."""
-    from uploader.demo import run_demo
+    from uploader.dev.demo import run_demo
 
     sys.exit(run_demo(size=size, part_size=part_size, workers=workers, concurrency=concurrency))
 
@@ -382,7 +653,7 @@ def _dead_letters(action: Callable[[Any], Any]) -> Any:
 
 
 @deadletter.command(name="list")
-@click.option("--limit", type=int, default=50, show_default=True, help="Newest entries to show.")
+@click.option("--limit", type=click.IntRange(0, MAX_LISTED), default=50, show_default=True, help="Newest entries to show.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (the entries as stored).")
 @_friendly_errors
 def deadletter_list(limit: int, as_json: bool) -> None:

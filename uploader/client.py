@@ -8,10 +8,10 @@ worker is busy.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -19,23 +19,32 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from uploader import contract
+from uploader import auth, contract, signing
+from uploader.auth import Capability
+from uploader.capabilities import CapabilityStore
 from uploader.checkpoint import CheckpointStore, UploadRecord
-from uploader.checkpoint.store import Refusal, UploadLifecycle
+from uploader.checkpoint.outbox import Delivery, Outbox
+from uploader.checkpoint.store import Refusal
 from uploader.config import Settings, get_settings, redact_url
 from uploader.errors import (
     InvalidRequest,
+    NotAuthorized,
     NoWorkers,
     Unreachable,
     UploadCancelled,
-    UploadFailed,
     UploaderError,
+    UploadFailed,
     UploadNotFound,
     UploadRefused,
     error_classes,
 )
-from uploader.request import parse_request
+from uploader.model import UploadState, UploadSummary
+from uploader.priority import message_priority
+from uploader.redis_tls import explain_connection_error
+from uploader.request import check_upload_id, parse_request
 
+if TYPE_CHECKING:
+    from uploader.batch.status import BatchStatus
 
 #: Seconds between checkpoint polls while waiting: the first polls come quickly (a small upload
 #: finishes in milliseconds), then back off to the longest interval. A poll is one Redis read.
@@ -52,38 +61,21 @@ WATCH_OUTAGE_GRACE = 30
 WORKER_CHECK_INTERVAL = 2.0
 
 
-@dataclass(frozen=True)
-class UploadStatus(UploadLifecycle):
-    """What ``status`` reports. ``state`` is one of creating, uploading, completing, completed,
-    failed, cancelled, or refused (the request was refused before anything was created; ``error``
-    says why)."""
+@dataclass(frozen=True, kw_only=True)
+class UploadStatus(UploadSummary):
+    """What ``status`` reports: the record's :class:`~uploader.model.UploadSummary` (declare a
+    field there to show it), and what the client adds. ``state`` is one of creating, uploading,
+    completing, completed, failed, cancelled, or refused (the request was refused before
+    anything was created; ``error`` says why)."""
 
-    upload_id: str
-    state: str
-    source: str
-    bucket: str
-    key: str
-    size: int
-    bytes_done: int
-    parts_done: int
-    part_count: int
-    part_size: int
-    error: str
-    final_etag: str
-    verified: str
-    created: float
-    updated: float
-    finished: float | None
-    bytes_sent: int
-    #: A failed upload the reconciler will resume by itself at this time (a transient failure,
-    #: such as an S3 outage longer than the part retries); None when nothing more will happen.
-    retry_at: float | None
-    auto_resumes: int
     #: When the workers' recovery (reconciler, automatic resumes) last ran, and on which worker.
     recovery_ran_at: float | None = None
     recovery_leader: str = ""
     #: A refused request: the class name of the coordinator's error (SourceError, ...).
     refusal_kind: str = ""
+    #: The delivery of the notifications the latest terminal transition wrote (webhook, task):
+    #: attempts, last HTTP status, next attempt, delivered at (uploader/checkpoint/outbox.py).
+    notifications: tuple[Delivery, ...] = ()
 
     @property
     def terminal(self) -> bool:
@@ -91,18 +83,16 @@ class UploadStatus(UploadLifecycle):
 
     @classmethod
     def from_record(cls, record: UploadRecord, **extra: Any) -> UploadStatus:
-        values = {f.name: getattr(record, f.name) for f in fields(cls) if hasattr(record, f.name)}
-        if record.state == "completed":  # a single PUT records no parts
+        values = {f.name: getattr(record, f.name) for f in fields(UploadSummary)}
+        if record.state == UploadState.COMPLETED:  # a single PUT records no parts
             values.update(parts_done=record.part_count, bytes_done=record.size)
         return cls(**values, **extra)
 
     @classmethod
     def from_refusal(cls, upload_id: str, refusal: Refusal) -> UploadStatus:
         return cls(
-            upload_id=upload_id, state="refused", source="", bucket="", key="", size=0, bytes_done=0,
-            parts_done=0, part_count=0, part_size=0, error=refusal.reason, final_etag="", verified="",
-            created=refusal.at, updated=refusal.at, finished=refusal.at, bytes_sent=0, retry_at=None,
-            auto_resumes=0, refusal_kind=refusal.kind,
+            upload_id=upload_id, state="refused", error=refusal.reason, created=refusal.at, updated=refusal.at,
+            finished=refusal.at, refusal_kind=refusal.kind,
         )
 
     def refusal_error(self) -> UploaderError:
@@ -111,7 +101,9 @@ class UploadStatus(UploadLifecycle):
         return cls(f"upload {self.upload_id} was {self.error}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, and ``result`` (``null`` until completed)."""
+        result = self.result
+        return {**asdict(self), "result": result.to_dict() if result else None}
 
 
 class _ClientCelery(Celery):
@@ -141,11 +133,21 @@ class Uploader:
     check. ``interactive`` (the CLI) gives up on an unreachable Redis within a few seconds
     instead of riding out a restart for ``UPLOADER_REDIS_RECONNECT_ATTEMPTS``."""
 
-    def __init__(self, settings: Settings, *, interactive: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, *, interactive: bool = False, capabilities: CapabilityStore | None = None
+    ) -> None:
+        """``capabilities``: where to keep the capability tokens of uploads this client submits
+        and find them for ``cancel``/``resume`` (the CLI keeps them on disk); by default this
+        object remembers them (and each :class:`UploadHandle` holds its own)."""
         self.settings = settings
         self.interactive = interactive
+        self.capabilities = capabilities or CapabilityStore()
         self.celery = _ClientCelery("uploader-client", set_as_current=False)
         self.celery.conf.update(contract.celery_config(settings))
+        # Publish by queue name only: the workers declare the queues (clients' Redis user may not).
+        self.celery.conf.update(task_queues=contract.task_queues(declare=False, max_priority=self.settings.queue_max_priority, lanes=self.settings.part_lanes))
+        # Message signing, if the deployment turned it on: every message this client sends is signed.
+        signing.enable(self.celery, settings)
         if interactive:
             self.celery.conf.update(
                 broker_connection_timeout=INTERACTIVE_TIMEOUT,
@@ -162,8 +164,8 @@ class Uploader:
         )
 
     @classmethod
-    def from_env(cls, *, interactive: bool = False) -> Uploader:
-        return cls(get_settings(), interactive=interactive)
+    def from_env(cls, *, interactive: bool = False, capabilities: CapabilityStore | None = None) -> Uploader:
+        return cls(get_settings(), interactive=interactive, capabilities=capabilities)
 
     @contextmanager
     def reaching(self) -> Iterator[None]:
@@ -171,16 +173,17 @@ class Uploader:
         try:
             yield
         except OperationalError as exc:
-            raise Unreachable(
-                f"cannot reach the broker at {redact_url(self.settings.broker_url)} (UPLOADER_BROKER_URL): {_first_line(exc)}"
-            ) from None
+            raise Unreachable(self._unreachable(exc, self.settings.broker_url, "the broker", "UPLOADER_BROKER_URL")) from None
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError) as exc:
             setting = "UPLOADER_CHECKPOINT_URL" if self.settings.checkpoint_url else "UPLOADER_BROKER_URL"
-            raise Unreachable(
-                f"cannot reach Redis at {redact_url(self.settings.effective_checkpoint_url)} ({setting}): {_first_line(exc)}"
-            ) from None
+            raise Unreachable(self._unreachable(exc, self.settings.effective_checkpoint_url, "Redis", setting)) from None
         except redis.AuthenticationError as exc:
             raise Unreachable(f"Redis refused the credentials in the URL (UPLOADER_BROKER_URL / UPLOADER_CHECKPOINT_URL): {_first_line(exc)}") from None
+
+    def _unreachable(self, exc: BaseException, url: str, what: str, setting: str) -> str:
+        """One line: what could not be reached, why, and (for TLS) which setting to fix."""
+        hint = explain_connection_error(exc, url, self.settings)
+        return f"cannot reach {what} at {redact_url(url)} ({setting}): " + (hint or _first_line(exc))
 
     def close(self) -> None:
         self.celery.close()
@@ -190,23 +193,167 @@ class Uploader:
     def submit(self, source: str, destination: str, *, accept_timeout: float | None = None, **options: Any) -> UploadHandle:
         """Validate and enqueue an upload of ``source`` to ``destination`` (``s3://bucket/key``).
 
-        ``options``: ``upload_id`` (idempotency key), ``part_size`` (bytes), ``metadata``,
-        ``content_type``, ``abort_on_failure``. Raises :class:`~uploader.errors.InvalidRequest`
+        ``options``: ``upload_id`` (idempotency key), ``part_size`` (bytes), ``abort_on_failure``,
+        ``endpoint`` (a named endpoint of the workers, ``UPLOADER_ENDPOINTS``), ``source_endpoint``
+        (the one an ``s3://bucket/key`` source is read from),
+        ``checksum_algorithm``, ``priority`` (0-9, 9 most urgent: see the README's "Priorities"),
+        and the object's options (:class:`~uploader.model.ObjectOptions`:
+        ``content_type``, ``metadata``, ``acl``, ``storage_class``, ``tags``, ``sse``,
+        ``no_overwrite``... see the README's "Object options"). Raises :class:`~uploader.errors.InvalidRequest`
         at once for malformed requests. Problems only a worker can see (a missing file, a
         missing bucket) are the coordinator's refusal: with ``accept_timeout`` this waits that
         long for the coordinator to accept the request and raises its refusal
         (:class:`TimeoutError` if no worker answered); otherwise they surface from
         :meth:`UploadHandle.accepted` or :meth:`UploadHandle.wait`.
         """
-        bucket, key = parse_s3_url(destination)
-        request = parse_request({"source": source, "bucket": bucket, "key": key, **options})
-        kwargs = request.model_dump(exclude_none=True)
+        kwargs, capability, wanted = self._start_kwargs(source, destination, options)
+        # Before the message: an upload must never exist whose token was not kept.
+        self.capabilities.save(kwargs["upload_id"], capability.token)
         with self.reaching():
-            result = self.celery.send_task(contract.START_UPLOAD, kwargs=kwargs)
-        handle = UploadHandle(self, kwargs["upload_id"], result)
+            result = self.celery.send_task(
+                contract.START_UPLOAD, kwargs=kwargs, priority=message_priority(wanted, self.settings.broker_url)
+            )
+        handle = UploadHandle(self, kwargs["upload_id"], result, token=capability.token)
         if accept_timeout:
             handle.accepted(accept_timeout)
         return handle
+
+    def submit_many(
+        self, uploads: Iterable[tuple[str, str] | tuple[str, str, dict[str, Any]]], *, accept_timeout: float | None = None
+    ) -> list[UploadHandle]:
+        """Validate and enqueue many uploads, each ``(source, destination)`` or ``(source,
+        destination, options)`` with the options of :meth:`submit`, in as few messages as
+        possible: one ``uploader.start_many`` per :data:`~uploader.contract.MAX_UPLOADS_PER_MESSAGE`
+        uploads. Meant for many small files: a worker starts a whole message's uploads at once
+        and sends their objects in groups, a task per group rather than per file.
+
+        Returns a handle per upload, in order; each is an ordinary upload (``status``, ``wait``,
+        ``cancel``, ``resume`` by its upload id). Raises :class:`~uploader.errors.InvalidRequest`
+        at once, before anything is sent, if any request is malformed. A request the workers
+        refuse is refused alone: its handle's :meth:`~UploadHandle.accepted` and ``wait`` raise
+        why; with ``accept_timeout`` this waits for every message to be accepted and raises the
+        first refusal."""
+        messages: list[tuple[dict[str, Any], Capability, int | None]] = []
+        for entry in uploads:
+            source, destination, options = (*entry, {}) if len(entry) == 2 else entry
+            messages.append(self._start_kwargs(source, destination, dict(options)))
+        handles: list[UploadHandle] = []
+        step = contract.MAX_UPLOADS_PER_MESSAGE
+        for first in range(0, len(messages), step):
+            chunk = messages[first : first + step]
+            # Before the message: an upload must never exist whose token was not kept.
+            for kwargs, capability, _ in chunk:
+                self.capabilities.save(kwargs["upload_id"], capability.token)
+            wanted = [p for _, _, p in chunk if p is not None]
+            with self.reaching():
+                result = self.celery.send_task(
+                    contract.START_MANY, kwargs={"uploads": [kwargs for kwargs, _, _ in chunk]},
+                    priority=message_priority(max(wanted) if wanted else None, self.settings.broker_url),
+                )
+            handles += [
+                UploadHandle(self, kwargs["upload_id"], result, token=capability.token, index=index)
+                for index, (kwargs, capability, _) in enumerate(chunk)
+            ]
+        if accept_timeout:
+            for handle in handles:
+                handle.accepted(accept_timeout)
+        return handles
+
+    def _start_kwargs(self, source: str, destination: str, options: dict[str, Any]) -> tuple[dict[str, Any], Capability, int | None]:
+        """A start request's kwargs (validated here: :class:`InvalidRequest`), its capability
+        (the one kept for its upload id, if it is resubmitted) and its priority."""
+        bucket, key = parse_s3_url(destination)
+        # Submitting an upload id again (an idempotent retry) must carry the same capability.
+        kept = self.capabilities.load(options["upload_id"]) if options.get("upload_id") else None
+        capability = Capability.of(kept) if kept else Capability.new()
+        request = parse_request(
+            {"source": source, "bucket": bucket, "key": key, "capability": capability.digest, **options}
+        )
+        return request.to_message(), capability, request.priority
+
+    def submit_batch(
+        self, source: str, destination: str, *, include: list[str] | tuple[str, ...] = (),
+        exclude: list[str] | tuple[str, ...] = (), skip_unchanged: bool = False, page_size: int | None = None,
+        batch_id: str | None = None, accept_timeout: float | None = None, **options: Any,
+    ) -> BatchHandle:
+        """Upload every file of the directory ``source`` (an absolute path the workers can read,
+        beneath their source roots) to ``destination`` (``s3://bucket/prefix/``): one upload per
+        file, its key the prefix and the file's path relative to ``source``. ``include`` and
+        ``exclude``: globs on that relative path (see :class:`uploader.sources.directory.Selector`);
+        ``skip_unchanged``: leave out files whose object matches already (see :mod:`uploader.batch`);
+        ``options``: what :meth:`submit` takes, for every upload. With ``accept_timeout``, waits
+        that long for a worker to accept the batch (raising its refusal)."""
+        from uploader.batch.request import parse_batch_request
+
+        bucket, prefix = parse_s3_url(destination)
+        kept = self.capabilities.load(batch_id) if batch_id else None
+        capability = Capability.of(kept) if kept else Capability.new()
+        kwargs: dict[str, Any] = {
+            "source": source, "bucket": bucket, "prefix": prefix, "include": list(include), "exclude": list(exclude),
+            "skip_unchanged": skip_unchanged, "capability": capability.digest, "options": options,
+        }
+        if page_size is not None:
+            kwargs["page_size"] = page_size
+        if batch_id is not None:
+            kwargs["batch_id"] = batch_id
+        request = parse_batch_request(kwargs)
+        assert request.batch_id is not None
+        message = request.model_dump(mode="json", exclude_none=True)
+        self.capabilities.save(request.batch_id, capability.token)
+        with self.reaching():
+            result = self.celery.send_task(contract.START_BATCH, kwargs=message)
+        handle = BatchHandle(self, request.batch_id, result, token=capability.token)
+        if accept_timeout:
+            handle.accepted(accept_timeout)
+        return handle
+
+    def find_batch(self, batch_id: str) -> BatchStatus | None:
+        """The batch's aggregate status (:class:`uploader.batch.BatchStatus`), a refused batch's
+        reason, or ``None`` if there is no batch ``batch_id`` (an upload id, say)."""
+        from uploader.batch.status import batch_status
+        from uploader.checkpoint.batches import BatchStore
+
+        check_upload_id(batch_id)
+        with self.reaching():
+            return batch_status(BatchStore(self.checkpoint), batch_id)
+
+    def batch_status(self, batch_id: str) -> BatchStatus:
+        status = self.find_batch(batch_id)
+        if status is None:
+            raise UploadNotFound(f"no batch {batch_id!r} (never submitted, not accepted yet, or expired)")
+        return status
+
+    def wait_batch(self, batch_id: str, *, timeout: float | None = None, start: AsyncResult | None = None) -> BatchStatus:
+        """Poll until every file of the batch has ended; its final status (whatever it is: the
+        caller reads ``state`` and ``failures``). A refused batch raises its refusal;
+        :class:`TimeoutError` at the deadline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.find_batch(batch_id)
+            if status is None and start is not None and start.ready() and start.failed():
+                raise _task_error(start)
+            if status is not None and status.terminal:
+                if status.state == "refused":
+                    raise UploadRefused(f"batch {batch_id} was {status.error}")
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                where = f"{status.state}, {status.files_done}/{status.files_total} files" if status else "not accepted yet"
+                raise TimeoutError(f"batch {batch_id} did not finish within {timeout} s ({where})")
+            time.sleep(POLL_INTERVAL)
+
+    def cancel_batch(self, batch_id: str, *, timeout: float = 120, token: str | None = None) -> dict[str, Any]:
+        """Cancel a batch: its listing stops and its uploads not completed yet are cancelled."""
+        return self._batch_command(contract.CANCEL_BATCH, batch_id, timeout, token)
+
+    def resume_batch(self, batch_id: str, *, timeout: float = 120, token: str | None = None) -> dict[str, Any]:
+        """Resume a batch: its failed uploads, the files whose start was refused, a stalled listing."""
+        return self._batch_command(contract.RESUME_BATCH, batch_id, timeout, token)
+
+    def _batch_command(self, task: str, batch_id: str, timeout: float, token: str | None) -> dict[str, Any]:
+        check_upload_id(batch_id)
+        kwargs = self._with_authority(task, {"batch_id": batch_id}, token)
+        with self.reaching():
+            return _task_outcome(self._send(task, kwargs), timeout)
 
     def status(self, upload_id: str) -> UploadStatus:
         """The upload's status; a refused request's reason (state ``refused``) for a day
@@ -229,6 +376,7 @@ class Uploader:
         timeout: float = 60,
         source: str | None = None,
         destination: str | None = None,
+        token: str | None = None,
         **options: Any,
     ) -> dict[str, Any]:
         """Continue an upload from its checkpoint; returns what was dispatched. Raises
@@ -239,6 +387,7 @@ class Uploader:
         on the server, give the original ``source``, ``destination`` and ``options`` (at least the
         same ``part_size`` if one was given): the checkpoint is rebuilt from ListParts, keeping
         every part whose size and MD5 match the source, and only the rest is sent."""
+        check_upload_id(upload_id)
         with self.reaching():
             exists = self.checkpoint.get(upload_id) is not None
         if not exists:
@@ -259,25 +408,52 @@ class Uploader:
                 "parts": (record.part_count - found) if record is not None else 0,
                 "reason": f"checkpoint rebuilt; {found} parts found on the server",
             }
+        kwargs = self._with_authority(contract.RESUME_UPLOAD, {"upload_id": upload_id, "restart": restart}, token)
         with self.reaching():
-            result = self.celery.send_task(contract.RESUME_UPLOAD, kwargs={"upload_id": upload_id, "restart": restart})
+            result = self._send(contract.RESUME_UPLOAD, kwargs)
             return _task_outcome(result, timeout)
 
-    def cancel(self, upload_id: str, *, timeout: float = 60) -> str:
-        """Cancel: dispatching stops, the multipart upload is aborted, the state is ``cancelled``."""
+    def cancel(self, upload_id: str, *, timeout: float = 60, token: str | None = None) -> str:
+        """Cancel: dispatching stops, the multipart upload is aborted, the state is ``cancelled``.
+        Needs the upload's capability ``token`` (by default the one this client kept when it
+        submitted it) or this client's fleet key (operators): :class:`NotAuthorized` otherwise."""
         status = self.status(upload_id)
         if status.state == "refused":
             raise UploadNotFound(f"upload {upload_id} was refused ({status.error}); there is nothing to cancel")
+        kwargs = self._with_authority(contract.CANCEL_UPLOAD, {"upload_id": upload_id}, token)
         with self.reaching():
-            result = self.celery.send_task(contract.CANCEL_UPLOAD, kwargs={"upload_id": upload_id})
+            result = self._send(contract.CANCEL_UPLOAD, kwargs)
             return _task_outcome(result, timeout)
 
     def janitor(self, *, dry_run: bool = False, timeout: float = 120) -> list[dict[str, str]]:
         """Run the janitor now on a worker (clients hold no S3 credentials): the abandoned uploads
-        it removed (or, ``dry_run``, would remove)."""
+        it removed (or, ``dry_run``, would remove). Operators only (it needs the fleet key)."""
+        kwargs = self._operator_signed(contract.JANITOR, {"dry_run": dry_run}, "run the janitor")
         with self.reaching():
-            result = self.celery.send_task(contract.JANITOR, kwargs={"dry_run": dry_run})
+            result = self._send(contract.JANITOR, kwargs)
             return _task_outcome(result, timeout)
+
+    # -- authority -----------------------------------------------------------------------------
+    def _with_authority(self, task: str, kwargs: dict[str, Any], token: str | None) -> dict[str, Any]:
+        """``kwargs`` of a cancel or resume with the sender's authority: the upload's capability
+        token (given, or kept when this client submitted it), else an operator's proof if this
+        client holds the fleet key, else nothing (the worker then refuses it, unless the
+        deployment does not require capabilities)."""
+        token = token or self.capabilities.load(kwargs.get("upload_id") or kwargs["batch_id"])
+        if token is not None:
+            return {**kwargs, auth.TOKEN: token}
+        key = self.settings.fleet_key_bytes
+        return auth.signed(key, task, kwargs) if key is not None else kwargs
+
+    def _operator_signed(self, task: str, kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+        key = self.settings.fleet_key_bytes
+        if key is None:
+            raise NotAuthorized(f"only operators may {what}: it needs UPLOADER_FLEET_KEY, which this client does not have")
+        return auth.signed(key, task, kwargs)
+
+    def _send(self, task: str, kwargs: dict[str, Any]) -> AsyncResult:
+        # Shown (task-sent events, Flower) without the token or proof.
+        return self.celery.send_task(task, kwargs=kwargs, kwargsrepr=repr(auth.redacted(kwargs)))
 
     def list(self, limit: int = 100) -> list[UploadStatus]:
         """The most recent uploads, newest first."""
@@ -301,9 +477,9 @@ class Uploader:
         for status in self.watch(upload_id, timeout=timeout, start=start):
             last = status
         assert last is not None
-        if last.state == "failed":
+        if last.state == UploadState.FAILED:
             raise UploadFailed(f"upload {upload_id} failed: {last.error}")
-        if last.state == "cancelled":
+        if last.state == UploadState.CANCELLED:
             raise UploadCancelled(f"upload {upload_id} was cancelled")
         if last.state == "refused":
             raise last.refusal_error()
@@ -353,16 +529,23 @@ class Uploader:
     def _poll(self, upload_id: str, start: AsyncResult | None) -> UploadStatus | None:
         """The status now; None while the request waits for a coordinator; the start task's error
         if it refused the request before noting anything."""
+        check_upload_id(upload_id)
         with self.reaching():
+            # Whether the start had ended, asked *before* the record is read: a start that ends
+            # in between (a small upload is created and completed in milliseconds) must not look
+            # like an accepted upload whose record is gone.
+            started = start is not None and start.ready()
             record, recovery = self.checkpoint.get_with_recovery(upload_id)
             if record is not None:
                 return UploadStatus.from_record(
-                    record, recovery_ran_at=recovery.reconciled_at, recovery_leader=recovery.leader
+                    record, recovery_ran_at=recovery.reconciled_at, recovery_leader=recovery.leader,
+                    notifications=tuple(Outbox(self.checkpoint).deliveries(list(record.notified))),
                 )
             refusal = self.checkpoint.refusal(upload_id)
             if refusal is not None:
                 return UploadStatus.from_refusal(upload_id, refusal)
-            if start is not None and start.ready():
+            if started:
+                assert start is not None
                 if start.failed():
                     raise _task_error(start)
                 # Accepted, yet no record: it was lost (a Redis restored without it, an
@@ -403,10 +586,17 @@ class _WorkerWatch:
 class UploadHandle:
     """A submitted upload."""
 
-    def __init__(self, uploader: Uploader, upload_id: str, start: AsyncResult) -> None:
+    def __init__(
+        self, uploader: Uploader, upload_id: str, start: AsyncResult, *, token: str | None = None, index: int | None = None
+    ) -> None:
+        """``start``: the task that starts it; ``index``: its place in that task's list, for an
+        upload started by ``uploader.start_many`` (``submit_many``)."""
         self.uploader = uploader
         self.upload_id = upload_id
         self.start = start
+        self.index = index
+        #: The upload's capability: ``cancel``/``resume`` need it (keep it as you would a password).
+        self.token = token
 
     def status(self) -> UploadStatus:
         return self.uploader.status(self.upload_id)
@@ -421,22 +611,61 @@ class UploadHandle:
         """Wait for the coordinator to accept the request; raises its error if it refused, and
         :class:`TimeoutError` if no worker answered within ``timeout``."""
         with self.uploader.reaching():
-            return _task_outcome(self.start, timeout)
+            outcome = _task_outcome(self.start, timeout)
+        if self.index is None:
+            return outcome
+        entry = outcome[self.index]  # start_many: one entry per upload, in order
+        if entry["error"]:
+            raise _ERRORS.get(entry.get("kind", ""), UploadRefused)(entry["error"])
+        return self.upload_id
 
     def resume(self, **kwargs: Any) -> dict[str, Any]:
-        return self.uploader.resume(self.upload_id, **kwargs)
+        return self.uploader.resume(self.upload_id, **{"token": self.token, **kwargs})
 
     def cancel(self, **kwargs: Any) -> str:
-        return self.uploader.cancel(self.upload_id, **kwargs)
+        return self.uploader.cancel(self.upload_id, **{"token": self.token, **kwargs})
 
     def __repr__(self) -> str:
         return f"UploadHandle({self.upload_id!r})"
 
 
+class BatchHandle:
+    """A submitted batch (see :meth:`Uploader.submit_batch`)."""
+
+    def __init__(self, uploader: Uploader, batch_id: str, start: AsyncResult, *, token: str | None = None) -> None:
+        self.uploader = uploader
+        self.batch_id = batch_id
+        self.start = start
+        #: The batch's capability (also its uploads'): ``cancel``/``resume`` need it.
+        self.token = token
+
+    def accepted(self, timeout: float = 60) -> str:
+        """Wait for a worker to accept the batch; raises its refusal (a directory outside the
+        source roots...), :class:`TimeoutError` if no worker answered."""
+        with self.uploader.reaching():
+            return _task_outcome(self.start, timeout)
+
+    def status(self) -> BatchStatus:
+        return self.uploader.batch_status(self.batch_id)
+
+    def wait(self, timeout: float | None = None) -> BatchStatus:
+        return self.uploader.wait_batch(self.batch_id, timeout=timeout, start=self.start)
+
+    def cancel(self, **kwargs: Any) -> dict[str, Any]:
+        return self.uploader.cancel_batch(self.batch_id, **{"token": self.token, **kwargs})
+
+    def resume(self, **kwargs: Any) -> dict[str, Any]:
+        return self.uploader.resume_batch(self.batch_id, **{"token": self.token, **kwargs})
+
+    def __repr__(self) -> str:
+        return f"BatchHandle({self.batch_id!r})"
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/key`` -> ``(bucket, key)``."""
     if not url.startswith("s3://"):
-        raise InvalidRequest(f"destination {url!r} must look like s3://bucket/key")
+        shown = repr(url[:80]) + ("..." if len(url) > 80 else "")
+        raise InvalidRequest(f"destination {shown} must look like s3://bucket/key")
     bucket, _, key = url[len("s3://") :].partition("/")
     return bucket, key
 

@@ -9,7 +9,8 @@ from functools import lru_cache
 from uploader.bandwidth import TokenBucket
 from uploader.checkpoint import CheckpointStore
 from uploader.config import Settings, get_settings
-from uploader.objectstore import ObjectStore, object_store
+from uploader.sources import HttpAccess, Source, open_source
+from uploader.storage.adapter import ObjectStore, object_store
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,19 @@ class UploaderContext:
     checkpoint: CheckpointStore
     objects: ObjectStore
     throttle: TokenBucket | None = None
+
+    def objects_for(self, endpoint: str | None) -> ObjectStore:
+        """The object store of the named endpoint an upload goes to (``""``/``None``: the default
+        one, :attr:`objects`). :class:`~uploader.errors.InvalidRequest` for an unknown name."""
+        return object_store(self.settings, endpoint) if endpoint else self.objects
+
+    def source(self, source: str, endpoint: str = "", credentials: str = "") -> Source:
+        """The source an upload names, as a worker opens it: a file within the source roots, an
+        HTTP(S) URL through the outbound guard with the workers' credentials named
+        ``credentials`` (a request's ``source_credentials``), or an S3 object on the named
+        ``endpoint`` (``""``: the default one)."""
+        return open_source(source, self.settings.source_roots, HttpAccess.of(self.settings, credentials),
+                           objects_for=self.objects_for, endpoint=endpoint, source_buckets=self.settings.source_buckets)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UploaderContext:

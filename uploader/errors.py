@@ -11,6 +11,9 @@ from __future__ import annotations
 class UploaderError(Exception):
     """Base class of every error this package raises on purpose."""
 
+    #: The S3 error code of a classified store error (``uploader.storage.errors``); None otherwise.
+    code: str | None = None
+
 
 class InvalidRequest(UploaderError, ValueError):
     """The request is malformed; nothing was created."""
@@ -53,6 +56,11 @@ class UploadRefused(UploaderError):
     missing source, a missing bucket, an invalid option...). ``status`` reports it for a while."""
 
 
+class NotAuthorized(UploaderError):
+    """The sender may not do this to that upload: ``cancel``/``resume`` need the upload's
+    capability token (kept by whoever submitted it) or an operator's fleet key."""
+
+
 class MessageQuarantined(UploaderError):
     """A worker could not accept the task message (malformed) and moved it to the dead-letter
     list (``uploader deadletter list``); the task never ran."""
@@ -65,6 +73,11 @@ class Unreachable(UploaderError):
 
 class NoWorkers(UploaderError):
     """No worker has been alive for a while: nothing will move until one is started."""
+
+
+class Misconfigured(UploaderError):
+    """A setting names something unusable (a missing or invalid key or certificate file); the
+    message names the setting and never quotes a secret."""
 
 
 def error_classes() -> dict[str, type[UploaderError]]:

@@ -15,6 +15,15 @@ by itself, in any deployment, and ``status`` shows when recovery last ran.
   live worker holds;
 - resumes uploads that failed for a transient reason once their ``retry_at`` has come.
 
+It reads only the uploads in recovery's *attention index* (``<prefix>:active``, kept in step
+with the records by the checkpoint's transition scripts): its cost grows with the uploads that
+need attention, not with the finished ones kept for the retention period. After each run the
+leader deletes the Celery chord keys of the uploads that settled since (:func:`release_settled`),
+so that a cancelled or failed upload's chord counters and stashed part results go with it
+instead of waiting for their expiry. The first run after an upgrade indexes the records written
+before the index existed (:func:`sweep_index`, a walk of every record in batches), and each
+janitor run repeats that walk, for records written meanwhile by workers of an older version.
+
 *The janitor* (every ``janitor_interval`` seconds) aborts the multipart uploads of uploads this
 system started and abandoned (failed or cancelled longer than ``abandon_seconds`` ago, or stalled
 that long) and deletes their checkpoints. It only ever touches multipart upload ids recorded in
@@ -28,24 +37,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 
 from uploader.checkpoint import UploadRecord
+from uploader.completion import mark_failed
 from uploader.context import UploaderContext
 from uploader.coordinator import Coordinator, Dispatch, Dispatcher
 from uploader.errors import SourceChanged, SourceError, UploaderError
-from uploader.completion import mark_failed
+from uploader.model import ACTIVE_STATES, DispatchKind, ObjectOptions, UploadState
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("creating", "uploading", "completing")
 #: The leader role's name (``<prefix>:leader:recovery``).
 RECOVERY_ROLE = "recovery"
-#: Upload records read per Redis round trip while scanning the index.
+#: Upload records read per Redis round trip while scanning an index.
 SCAN_BATCH = 500
+#: Settled uploads whose chords are deleted per round trip (see :func:`release_settled`).
+SETTLED_BATCH = 100
 
-_SUMMARY_FIELDS = ("state", "created", "updated", "finished", "retry_at")
+#: Deletes the keys of Celery chords (by group id) from the result backend: see ``workers/chords.py``.
+ChordForgetter = Callable[[list[str]], None]
+
+_SUMMARY_FIELDS = ("state", "created", "updated", "finished", "retry_at", "throttled")
 
 
 @dataclass(frozen=True)
@@ -53,47 +68,105 @@ class UploadSummary:
     """The few fields of a record that decide whether recovery has anything to do with it."""
 
     upload_id: str
-    state: str
+    state: UploadState
     created: float
     updated: float
     finished: float | None
     retry_at: float | None
+    #: When one of the upload's limits last held a part back (0: never; see UploadRecord.throttled).
+    throttled: float = 0.0
 
     @property
     def retry_pending(self) -> bool:
-        return self.state == "failed" and self.retry_at is not None
+        return self.state == UploadState.FAILED and self.retry_at is not None
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether it belongs in the attention index (the rule ``track_attention`` applies)."""
+        return self.state in ACTIVE_STATES or self.retry_pending
 
     def stalled(self, now: float, stall_seconds: float) -> bool:
-        return self.state in ACTIVE_STATES and now - max(self.updated, self.created) > stall_seconds
+        return is_stalled(self.state, now, stall_seconds, self.created, self.updated, self.throttled)
 
 
-def scan_uploads(ctx: UploaderContext) -> Iterator[UploadSummary]:
-    """Every upload in the index whose checkpoint still exists, oldest first, read
-    :data:`SCAN_BATCH` at a time in one round trip each (expired ones are pruned from the index)."""
+def _summaries(ctx: UploaderContext, ids: list[str]) -> list[tuple[str, UploadSummary | None]]:
+    """The summaries of these uploads, in one round trip (``None``: the record is gone)."""
     store = ctx.checkpoint
+    pipe = store.redis.pipeline(transaction=False)
+    for upload_id in ids:
+        pipe.hmget(store.record_key(upload_id), _SUMMARY_FIELDS)
+    out: list[tuple[str, UploadSummary | None]] = []
+    for upload_id, values in zip(ids, pipe.execute(), strict=True):
+        state, created, updated, finished, retry_at, throttled = values
+        if state is None:
+            out.append((upload_id, None))
+            continue
+        out.append((upload_id, UploadSummary(
+            upload_id, UploadState(state), float(created or 0), float(updated or 0),
+            float(finished) if finished else None, (float(retry_at) or None) if retry_at else None,
+            float(throttled or 0),
+        )))
+    return out
+
+
+def scan_uploads(ctx: UploaderContext, *, created_before: float | None = None) -> Iterator[UploadSummary]:
+    """Every upload in the index whose checkpoint still exists (only those created before
+    ``created_before``, if given), oldest first, read :data:`SCAN_BATCH` at a time in one round
+    trip each (expired ones are pruned from the index). This walks the records kept for the
+    retention period: for the janitor and :func:`sweep_index`, never for the reconciler."""
+    store = ctx.checkpoint
+    upper = "+inf" if created_before is None else f"({created_before}"
     start = 0
     while True:
-        ids = store.redis.zrange(store.index_key, start, start + SCAN_BATCH - 1)
+        # Text: the store's client decodes responses (redis-py's types do not follow that).
+        ids = cast("list[str]", store.redis.zrangebyscore(store.index_key, "-inf", upper, start=start, num=SCAN_BATCH))
         if not ids:
             return
-        pipe = store.redis.pipeline(transaction=False)
-        for upload_id in ids:
-            pipe.hmget(store.record_key(upload_id), _SUMMARY_FIELDS)
         gone = []
-        for upload_id, values in zip(ids, pipe.execute()):
-            state, created, updated, finished, retry_at = values
-            if state is None:
+        for upload_id, summary in _summaries(ctx, ids):
+            if summary is None:
                 gone.append(upload_id)
-                continue
-            yield UploadSummary(
-                upload_id, state, float(created or 0), float(updated or 0),
-                float(finished) if finished else None, (float(retry_at) or None) if retry_at else None,
-            )
+            else:
+                yield summary
         if gone:
             store.redis.zrem(store.index_key, *gone)
         start += len(ids) - len(gone)
         if len(ids) < SCAN_BATCH:
             return
+
+
+def scan_active(ctx: UploaderContext) -> Iterator[UploadSummary]:
+    """The uploads in recovery's attention index, oldest first: what the reconciler reads. An
+    entry whose record no longer needs attention (the record expired, or a worker of an older
+    version changed it) is repaired (:meth:`~uploader.checkpoint.CheckpointStore.index_uploads`,
+    atomic with the record) and skipped."""
+    store = ctx.checkpoint
+    ids = store.active_ids()
+    for first in range(0, len(ids), SCAN_BATCH):
+        settled = []
+        for upload_id, summary in _summaries(ctx, ids[first:first + SCAN_BATCH]):
+            if summary is None or not summary.needs_attention:
+                settled.append(upload_id)
+            else:
+                yield summary
+        if settled:
+            store.index_uploads(settled)
+
+
+def sweep_index(ctx: UploaderContext) -> int:
+    """Walk every record (:func:`scan_uploads`) and put those that need attention in the
+    attention index: the one-time migration of records written before it existed, and a catch-up
+    for records changed by workers of an older version during a rolling upgrade. Returns how
+    many uploads need attention."""
+    pending: list[str] = []
+    count = 0
+    for summary in scan_uploads(ctx):
+        if summary.needs_attention:
+            pending.append(summary.upload_id)
+        if len(pending) >= SCAN_BATCH:
+            count += ctx.checkpoint.index_uploads(pending)
+            pending = []
+    return count + ctx.checkpoint.index_uploads(pending)
 
 
 def iter_records(ctx: UploaderContext) -> Iterator[UploadRecord]:
@@ -105,7 +178,15 @@ def iter_records(ctx: UploaderContext) -> Iterator[UploadRecord]:
 
 
 def stalled(record: UploadRecord, now: float, stall_seconds: int) -> bool:
-    return record.state in ACTIVE_STATES and now - max(record.updated, record.created) > stall_seconds
+    return is_stalled(record.state, now, stall_seconds, record.created, record.updated, record.throttled)
+
+
+def is_stalled(state: str, now: float, stall_seconds: float, *signs_of_life: float) -> bool:
+    """Whether an active upload showed no sign of life for ``stall_seconds``: no part recorded
+    (``updated``) since its creation, and no part held back by one of its limits (``throttled``:
+    a part waiting for a place under ``max_concurrency`` comes back by itself, one paced by
+    ``max_bandwidth`` is being sent; a resume would only send them a second time)."""
+    return state in ACTIVE_STATES and now - max(signs_of_life) > stall_seconds
 
 
 @dataclass
@@ -137,8 +218,8 @@ def reconcile(
     store = ctx.checkpoint
     coordinator = Coordinator(ctx)
     report = ReconcileReport()
-    for upload in scan_uploads(ctx):
-        if upload.state == "uploading" and not upload.stalled(now, settings.stall_seconds):
+    for upload in scan_active(ctx):
+        if upload.state == UploadState.UPLOADING and not upload.stalled(now, settings.stall_seconds):
             generation, parts = store.reclaim_parts(upload.upload_id, now=now)
             if parts:
                 if not keep_going():
@@ -147,7 +228,7 @@ def reconcile(
                     "reconcile: upload %s: %d part leases held by dead or hung workers; sending parts %s again",
                     upload.upload_id, len(parts), parts[:20],
                 )
-                dispatch(Dispatch(upload.upload_id, "resend", tuple(parts), generation))
+                dispatch(Dispatch(upload.upload_id, DispatchKind.RESEND, tuple(parts), generation))
                 report.reclaimed[upload.upload_id] = tuple(parts)
             continue
         if upload.retry_pending:
@@ -179,11 +260,22 @@ def reconcile(
 @dataclass(frozen=True)
 class JanitorAction:
     upload_id: str
-    state: str
+    state: UploadState
     bucket: str
     key: str
     mpu_id: str
     reason: str
+    #: The named endpoint the multipart upload lives on ("" : the default one).
+    endpoint: str = ""
+    #: The upload's object options (a Requester Pays bucket's abort needs its RequestPayer).
+    options: ObjectOptions = field(default_factory=ObjectOptions)
+
+    def to_dict(self) -> dict[str, str]:
+        """What the janitor task returns and ``uploader gc`` shows of the action (JSON)."""
+        return {
+            "upload_id": self.upload_id, "state": self.state, "bucket": self.bucket, "key": self.key,
+            "mpu_id": self.mpu_id, "reason": self.reason, "endpoint": self.endpoint,
+        }
 
 
 def janitor_plan(ctx: UploaderContext, *, now: float | None = None) -> list[JanitorAction]:
@@ -191,11 +283,12 @@ def janitor_plan(ctx: UploaderContext, *, now: float | None = None) -> list[Jani
     now = time.time() if now is None else now
     limit = ctx.settings.abandon_seconds
     actions = []
-    for upload in scan_uploads(ctx):
+    # An upload abandoned for longer than the limit was created before it: older records only.
+    for upload in scan_uploads(ctx, created_before=now - limit):
         age = now - (upload.finished or upload.updated or upload.created)
         if upload.retry_pending:
             continue  # the reconciler will resume it; it is not abandoned
-        if upload.state in ("failed", "cancelled") and age > limit:
+        if upload.state in (UploadState.FAILED, UploadState.CANCELLED) and age > limit:
             reason = f"{upload.state} {age / 3600:.1f} h ago"
         elif upload.state in ACTIVE_STATES and now - upload.updated > limit:
             reason = f"no progress for {age / 3600:.1f} h"
@@ -203,12 +296,17 @@ def janitor_plan(ctx: UploaderContext, *, now: float | None = None) -> list[Jani
             continue
         record = ctx.checkpoint.get(upload.upload_id)
         if record is not None:
-            actions.append(JanitorAction(record.upload_id, record.state, record.bucket, record.key, record.mpu_id, reason))
+            actions.append(JanitorAction(
+                record.upload_id, record.state, record.bucket, record.key, record.mpu_id, reason, record.endpoint, record.options
+            ))
     return actions
 
 
-def run_janitor(ctx: UploaderContext, *, dry_run: bool = False, now: float | None = None) -> list[JanitorAction]:
-    """Abort the multipart uploads of abandoned uploads and delete their checkpoints."""
+def run_janitor(
+    ctx: UploaderContext, *, dry_run: bool = False, now: float | None = None, forget_chords: ChordForgetter | None = None
+) -> list[JanitorAction]:
+    """Abort the multipart uploads of abandoned uploads and delete their checkpoints (and, given
+    ``forget_chords``, their chords' keys in the result backend: :func:`release_settled`)."""
     actions = janitor_plan(ctx, now=now)
     if dry_run:
         return actions
@@ -217,13 +315,37 @@ def run_janitor(ctx: UploaderContext, *, dry_run: bool = False, now: float | Non
         if action.state in ACTIVE_STATES:
             mark_failed(ctx, action.upload_id, f"abandoned by the janitor: {action.reason}")
         if action.mpu_id:
-            ctx.objects.abort_multipart_upload(action.bucket, action.key, action.mpu_id)
-        store.redis.delete(
-            store.record_key(action.upload_id), store.parts_key(action.upload_id), store.inflight_key(action.upload_id)
-        )
-        store.redis.zrem(store.index_key, action.upload_id)
+            ctx.objects_for(action.endpoint).abort_multipart_upload(action.bucket, action.key, action.mpu_id, action.options)
+        store.forget(action.upload_id)
         log.warning("janitor: removed upload %s (%s)", action.upload_id, action.reason)
+    if actions and forget_chords is not None:
+        try:
+            release_settled(ctx, forget_chords)
+        except (redis.RedisError, OSError) as exc:  # the recovery leader tries again at its next run
+            log.warning("janitor: chord keys of removed uploads not deleted yet: %s", exc)
     return actions
+
+
+def release_settled(
+    ctx: UploaderContext, forget_chords: ChordForgetter, *, keep_going: Callable[[], bool] = lambda: True
+) -> int:
+    """Delete the chord keys of the uploads that settled (completed, cancelled, failed for good,
+    forgotten) since the last call, :data:`SETTLED_BATCH` uploads per round trip; returns how
+    many uploads. A chord of a settled upload is never needed again: its upload cannot complete
+    through it, and a resume dispatches a chord of its own."""
+    store = ctx.checkpoint
+    released = 0
+    while keep_going():
+        batch = store.take_settled(SETTLED_BATCH)
+        if not batch:
+            break
+        forget_chords([group_id for _, group_ids in batch for group_id in group_ids])
+        for upload_id, group_ids in batch:
+            store.release_chords(upload_id, group_ids)
+        released += len(batch)
+        if len(batch) < SETTLED_BATCH:
+            break
+    return released
 
 
 class RecoveryLoop(threading.Thread):
@@ -232,11 +354,14 @@ class RecoveryLoop(threading.Thread):
     and :func:`run_janitor` every ``janitor_interval`` (the times of the last runs are kept in
     Redis, so a new leader keeps the cadence). Errors are logged, never fatal to the worker."""
 
-    def __init__(self, ctx: UploaderContext, holder: str, dispatch: Dispatcher) -> None:
+    def __init__(
+        self, ctx: UploaderContext, holder: str, dispatch: Dispatcher, forget_chords: ChordForgetter | None = None
+    ) -> None:
         super().__init__(name="uploader-recovery", daemon=True)
         self.ctx = ctx
         self.holder = holder
         self.dispatch = dispatch
+        self.forget_chords = forget_chords
         settings = ctx.settings
         self.lease_seconds = settings.leader_lease_seconds
         self.tick_seconds = min(self.lease_seconds / 3, settings.reconcile_interval)
@@ -269,6 +394,11 @@ class RecoveryLoop(threading.Thread):
         settings = self.ctx.settings
         store = self.ctx.checkpoint
         last = store.recovery()
+        if last.indexed_at is None:
+            # The first leader since the attention index exists: index the records written before.
+            indexed = sweep_index(self.ctx)
+            store.note_recovery(indexed_at=now)
+            log.info("recovery: attention index built; %d uploads need attention", indexed)
         # A little early rather than a tick late: the ticks do not line up with the interval.
         if last.reconciled_at is None or now - last.reconciled_at >= settings.reconcile_interval - self.tick_seconds / 2:
             report = reconcile(self.ctx, self.dispatch, now=now, keep_going=self.keep_leading)
@@ -278,13 +408,19 @@ class RecoveryLoop(threading.Thread):
                 reclaimed=sum(len(p) for p in report.reclaimed.values()),
                 resumed=len(report.resumed),
             )
+            if self.forget_chords is not None:
+                try:
+                    release_settled(self.ctx, self.forget_chords, keep_going=self.keep_leading)
+                except (redis.RedisError, OSError) as exc:  # e.g. the result backend away: next run
+                    log.warning("recovery: chord keys of settled uploads not deleted yet: %s", exc)
         if last.janitor_at is None:
             # A new deployment: the janitor's first run comes one interval from now (as a
             # scheduler's would), not at the first worker's start.
             store.note_recovery(janitor_at=now)
         elif now - last.janitor_at >= settings.janitor_interval:
-            run_janitor(self.ctx, now=now)
-            store.note_recovery(leader=self.holder, janitor_at=now)
+            run_janitor(self.ctx, now=now, forget_chords=self.forget_chords)
+            sweep_index(self.ctx)
+            store.note_recovery(leader=self.holder, janitor_at=now, indexed_at=now)
 
     def stop(self) -> None:
         """Stop, and hand the lease on at once (a clean shutdown)."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from uploader.errors import InvalidRequest
+from uploader.storage.profiles import PartRules
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -50,8 +52,14 @@ class PartPlan:
         return offset, min(self.part_size, self.size - offset)
 
 
-def plan_parts(size: int, part_size: int | None = None, *, default_part_size: int = DEFAULT_PART_SIZE) -> PartPlan:
+def plan_parts(
+    size: int, part_size: int | None = None, *, default_part_size: int = DEFAULT_PART_SIZE, rules: PartRules | None = None
+) -> PartPlan:
     """Cut ``size`` bytes into parts.
+
+    ``rules`` are the provider profile's (default: S3's). Every plan cuts equal parts but the
+    last, which is no larger: what Cloudflare R2 requires (``PartRules.equal_parts``) and what
+    :meth:`PartPlan.part_range` relies on; a profile with other limits is checked against them.
 
     With an explicit ``part_size`` the plan uses it exactly, or raises :class:`InvalidRequest`
     when it is outside 5 MiB..5 GiB or would need more than 10,000 parts. Without one, the
@@ -61,6 +69,10 @@ def plan_parts(size: int, part_size: int | None = None, *, default_part_size: in
         raise InvalidRequest(f"source size must not be negative, got {size}")
     if size > MAX_OBJECT_SIZE:
         raise InvalidRequest(f"source is {size} bytes; S3 objects are limited to 5 TiB ({MAX_OBJECT_SIZE} bytes)")
+    if rules is not None and part_size is not None and not rules.min_part <= part_size <= rules.max_part:
+        raise InvalidRequest(
+            f"part size {part_size} bytes is outside this provider's limits of {rules.min_part}..{rules.max_part} bytes per part"
+        )
     if part_size is not None:
         validate_part_size(part_size)
         count = max(1, -(-size // part_size))
@@ -70,10 +82,17 @@ def plan_parts(size: int, part_size: int | None = None, *, default_part_size: in
                 f"{MAX_PARTS}: use a part size of at least {smallest_fitting_part_size(size) // MiB}MiB"
             )
         return PartPlan(size=size, part_size=part_size, count=count)
-    chosen = min(max(default_part_size, MIN_PART_SIZE), MAX_PART_SIZE)
-    if -(-size // chosen) > MAX_PARTS:
-        chosen = smallest_fitting_part_size(size)
-    return PartPlan(size=size, part_size=chosen, count=max(1, -(-size // chosen)))
+    low = max(MIN_PART_SIZE, rules.min_part) if rules else MIN_PART_SIZE
+    high = min(MAX_PART_SIZE, rules.max_part) if rules else MAX_PART_SIZE
+    max_parts = min(MAX_PARTS, rules.max_parts) if rules else MAX_PARTS
+    chosen = min(max(default_part_size, low), high)
+    if -(-size // chosen) > max_parts:
+        per_part = -(-size // max_parts)
+        chosen = max(low, -(-per_part // MiB) * MiB)
+    plan = PartPlan(size=size, part_size=chosen, count=max(1, -(-size // chosen)))
+    if rules is not None and rules.equal_parts:
+        assert plan.last_part_size <= plan.part_size, "every part but the last is part_size; the last no larger"
+    return plan
 
 
 def smallest_fitting_part_size(size: int) -> int:
@@ -94,7 +113,7 @@ def validate_part_size(part_size: int) -> None:
         )
 
 
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
 
@@ -104,10 +123,13 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE_RE.fullmatch(text)
     if not match:
-        raise InvalidRequest(f"cannot read {text!r} as a size; write e.g. 16MiB or 8388608")
+        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+        raise InvalidRequest(f"cannot read {shown} as a size; write e.g. 16MiB or 8388608")
     number, unit = match.groups()
-    value = float(number) * _UNITS[(unit or "").lower()[:1]]
-    if value != int(value):
+    # Exact arithmetic: a float would turn 30 nines into another number, and 1e400 or
+    # a long enough number into infinity.
+    value = Fraction(number) * _UNITS[(unit or "").lower()[:1]]
+    if value.denominator != 1:
         raise InvalidRequest(f"size {text!r} is not a whole number of bytes")
     return int(value)
 

@@ -9,18 +9,36 @@ the parts it was sending.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_after_setup,
+    celeryd_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
+from uploader import logsafe, signing
+from uploader.auth import FLEET_KEY_MISSING
+from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_process_name
 from uploader.config import get_settings
 from uploader.context import default_context
 from uploader.contract import celery_config
-from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_process_name
+from workers import control
 from workers.transport import broker_settings
 
 settings = get_settings()
+# A short GIL switch interval, so that a short task (a start, a small PutObject, a completion)
+# is not made to wait for the GIL behind the threads sending parts, once per Redis or S3 call:
+# with Python's 5 ms, a 1 MiB upload took 5.5x as long while a large upload was being sent,
+# with 0.5 ms 2.3x, and the large upload's own speed and CPU did not change (see the README's
+# "Fairness"). Set here, at import: the worker, its pool processes and any embedding process.
+sys.setswitchinterval(settings.worker_switch_interval)
 
 app = Celery("uploader", include=["workers.tasks"])
 app.conf.update(
@@ -37,6 +55,14 @@ app.conf.update(
     worker_pool=settings.worker_pool,
     worker_hijack_root_logger=False,
 )
+# Message signing (optional, uploader/signing.py): set up at import, so that every process using
+# this app (the worker, its pool, Flower, `celery inspect`) signs what it sends and the worker's
+# consumers accept only signed messages. A setting that names a bad file stops the process here.
+try:
+    signing.enable(app, settings, worker=True)
+except signing.SigningMisconfigured as exc:
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(7) from None  # uploader.cli.ExitCode.MISCONFIGURED
 # Poison messages are quarantined, never allowed to stop a worker (workers/poison.py): each task
 # message is checked before Celery's strategy sees it, and the Redis transport is guarded against
 # list items kombu cannot read. Workers only: clients send through plain Celery and kombu.
@@ -44,6 +70,20 @@ app.conf.update(
     worker_consumer="workers.consumer:QuarantiningConsumer",
     **broker_settings(app.conf.broker_url, app.conf.broker_use_ssl),
 )
+# Remote control: read-only by default, so that no broker client can stop or reconfigure the
+# fleet (workers/control.py).
+control.restrict(settings.remote_control)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def protect_logs(logger: Any = None, **_: Any) -> None:
+    """Whatever a record was built from (a hostile key, source path, task id or exception
+    message), the worker's log gets one printable line per record and no credentials, at any
+    level: the root logger's and the task logger's handlers (Celery's, set up just now) escape
+    and redact (uploader.logsafe), and botocore's and urllib3's loggers redact at the source."""
+    logsafe.protect_logger(logger)
+    logsafe.protect_library_loggers()
 
 
 class _Incarnation:
@@ -55,6 +95,7 @@ class _Incarnation:
     pool_process: str | None = None
     heartbeat: Heartbeat | None = None
     recovery: Any = None
+    notifier: Any = None
 
 
 incarnation = _Incarnation()
@@ -70,6 +111,16 @@ def lease_holder(hostname: str) -> str:
     return incarnation.name
 
 
+@celeryd_init.connect
+def refuse_to_start_without_a_fleet_key(**_: Any) -> None:
+    """A worker without the fleet key could neither send internal messages the others accept nor
+    tell forged ones from real ones: it stops at once, saying what to set. (``SystemExit`` is not
+    an ``Exception``: Celery's signal dispatch lets it through.)"""
+    if settings.fleet_key is None:
+        print(f"error: {FLEET_KEY_MISSING}", file=sys.stderr, flush=True)
+        raise SystemExit(7)  # uploader.cli.ExitCode.MISCONFIGURED
+
+
 @celeryd_after_setup.connect
 def name_incarnation(sender: str = "", **_: Any) -> None:
     """Name this start of the worker, before its prefork pool processes fork (they inherit it)."""
@@ -81,14 +132,27 @@ def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
     """Lease in-flight parts to this incarnation for as long as it lives, and take part in the
     fleet's recovery (one worker at a time leads it: see uploader.maintenance)."""
     from uploader.maintenance import RecoveryLoop
-    from workers.tasks import dispatch
+    from uploader.notify.notifier import NotifierLoop
+    from workers.tasks import dispatch, forget_chords
 
     name = lease_holder(sender.hostname)
     ctx = default_context()
     incarnation.heartbeat = Heartbeat(ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True)
     incarnation.heartbeat.start()
-    incarnation.recovery = RecoveryLoop(ctx, name, dispatch)
+    incarnation.recovery = RecoveryLoop(ctx, name, dispatch, forget_chords)
     incarnation.recovery.start()
+    # Every worker delivers the notification outbox (no leader: claims are atomic).
+    incarnation.notifier = NotifierLoop(ctx, send_callback_task)
+    incarnation.notifier.start()
+
+
+def send_callback_task(name: str, kwargs: dict[str, Any], queue: str) -> None:
+    """Send a request's callback task by name (plain kwargs, not signed: it is not ours) to
+    ``queue``, declared as Celery declares a queue by default (a direct exchange of its name):
+    the fleet's own routing knows only its own queues (``task_create_missing_queues`` is off)."""
+    from kombu import Exchange, Queue
+
+    app.send_task(name, kwargs=kwargs, queue=Queue(queue, Exchange(queue, "direct"), routing_key=queue))
 
 
 @worker_process_init.connect
@@ -108,6 +172,8 @@ def start_pool_process_heartbeat(sender: Any = None, **_: Any) -> None:
 
 @worker_shutdown.connect
 def stop_heartbeat_and_recovery(**_: Any) -> None:
+    if incarnation.notifier is not None:
+        incarnation.notifier.stop()
     if incarnation.recovery is not None:
         incarnation.recovery.stop()
     if incarnation.heartbeat is not None:

@@ -13,6 +13,8 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.exceptions import MessageStateError
 
+from uploader import auth, contract
+from uploader.config import get_settings
 from workers import poison
 
 #: kombu's Redis transport's default, if the app sets none.
@@ -24,7 +26,19 @@ class QuarantiningConsumer(Consumer):
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
-        tasks = self.strategies  # filled (in place) by update_strategies before consuming
+        # Our tasks only: Celery's built-in ones (celery.chain, celery.group, ...) would send
+        # whatever signatures a message holds.
+        tasks = contract.TASK_ARGUMENTS
+        settings = get_settings()
+        key = settings.fleet_key_bytes
+        # Signed messages only, when the deployment signs (uploader/signing.py); the fleet key's
+        # proof stays required on internal tasks on top (the signature covers neither the task
+        # name nor any header).
+        signed = settings.message_signing
+
+        def authenticate(task: str, arguments: dict[str, Any]) -> str | None:
+            return contract.authority_problem(task, arguments, key)
+
         options = self.app.conf.broker_transport_options or {}
         visibility_timeout = float(options.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
         inspect, quarantine, broker_errors = poison.inspect_message, self._quarantine, poison.BROKER_ERRORS
@@ -35,12 +49,14 @@ class QuarantiningConsumer(Consumer):
                 verdict = inspect(
                     message.headers, message.content_type, message.content_encoding, message.body,
                     tasks=tasks, visibility_timeout=visibility_timeout, decode=message.decode,
+                    authenticate=authenticate, signed=signed,
                 )
             except Exception as exc:  # noqa: BLE001  (the check itself must never stop the worker)
                 verdict = poison.Verdict(f"the message could not be inspected ({type(exc).__name__}: {poison.escape(str(exc), 64)})")
             if verdict.problem is not None:
                 return quarantine(message, verdict.problem, verdict.task, verdict.task_id)
             poison.sanitize_display_headers(message.headers)
+            _redact_secrets(message)
             try:
                 return handle(message)
             except broker_errors:
@@ -74,3 +90,11 @@ class QuarantiningConsumer(Consumer):
                 message.ack()
             except MessageStateError:  # acknowledged meanwhile (by Celery, before it raised)
                 pass
+
+
+def _redact_secrets(message: Any) -> None:
+    """Show a message's kwargs without its proof or capability token (Celery logs and sends to
+    Flower the ``kwargsrepr`` header, which a foreign client fills with its kwargs as they are)."""
+    _, kwargs, _ = message.decode()  # kombu's cached decoding, checked by inspect_message
+    if auth.PROOF in kwargs or auth.TOKEN in kwargs:
+        message.headers["kwargsrepr"] = poison.escape(repr(auth.redacted(kwargs)), poison.MAX_REPR)

@@ -61,6 +61,7 @@ from celery.canvas import Signature
 from celery.utils import uuid
 from kombu.exceptions import BatchPublishError, OperationalError
 
+from uploader import auth
 from uploader.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -93,32 +94,65 @@ def fast_path_available(app: Celery) -> bool:
     return scheme in REDIS_SCHEMES and isinstance(app.backend, RedisBackend)
 
 
-def send_chord(app: Celery, header_task: Any, header_kwargs: Iterable[Mapping[str, Any]], body: Signature) -> str:
-    """Send ``chord(header_task.si(**kw) for kw in header_kwargs, body)``; returns the group id.
+def send_chord(
+    app: Celery, header_task: Any, header_kwargs: Iterable[Mapping[str, Any]], body: Signature,
+    *, group_id: str | None = None, ignore_header_results: bool = False, priority: int | None = None,
+    queue: str | None = None,
+) -> str:
+    """Send ``chord(header_task.si(**kw) for kw in header_kwargs, body)``; returns the group id
+    (``group_id`` if given: a caller that notes it before sending can find the chord's keys).
 
     ``body`` may carry ``link_error`` (``on_error``); it is sent as is, inside every header
     message, and fires once every header task has finished.
+
+    ``ignore_header_results``: the header messages ask the worker not to store their results
+    (``ignore_result``; nor a RETRY or FAILURE state, with ``task_store_errors_even_if_ignored``
+    off). The Redis backend still counts each header task towards the chord: ``mark_as_done`` and
+    ``mark_as_failure`` call ``on_chord_part_return`` whether or not the result is stored, and the
+    outcome goes into the chord's own ``.j`` key, which the body's publication deletes.
+
+    ``priority``: the header messages' broker priority (``None``: none, the broker's default);
+    ``queue``: the queue they go to (``None``: the task's route); the body is sent as it is.
     """
     selected = mode()
     if selected == "chord" or not fast_path_available(app):
-        return _plain_chord(header_task, header_kwargs, body)
-    return _send_batched(app, header_task, list(header_kwargs), body, sent_events=selected == "fast-sent")
+        return _plain_chord(header_task, header_kwargs, body, group_id, ignore_header_results, priority, queue)
+    return _send_batched(app, header_task, list(header_kwargs), body, sent_events=selected == "fast-sent",
+                         group_id=group_id, ignore_header_results=ignore_header_results, priority=priority,
+                         queue=queue)
 
 
-def _plain_chord(header_task: Any, header_kwargs: Iterable[Mapping[str, Any]], body: Signature) -> str:
-    result = chord(group(header_task.si(**kw) for kw in header_kwargs), body).apply_async()
+def _plain_chord(
+    header_task: Any, header_kwargs: Iterable[Mapping[str, Any]], body: Signature, group_id: str | None = None,
+    ignore_header_results: bool = False, priority: int | None = None, queue: str | None = None,
+) -> str:
+    # (Shown with their proofs by the sender's task-sent events; workers redact what they show.)
+    options: dict[str, Any] = {"ignore_result": True} if ignore_header_results else {}
+    if priority is not None:
+        options["priority"] = priority
+    if queue is not None:
+        options["queue"] = queue
+    canvas = chord(group(header_task.si(**kw).set(**options) for kw in header_kwargs), body)
+    if group_id is not None:
+        # chord() keeps only the header's tasks; chord.apply_async keeps a header that is a group
+        # (its task_id becomes the group id, as chord.run reads it).
+        canvas.tasks = group(canvas.tasks, app=header_task.app, task_id=group_id)
+    result = canvas.apply_async()
     return result.parent.id if result.parent is not None else ""
 
 
 def _send_batched(app: Celery, task: Any, header_kwargs: list[Mapping[str, Any]], body: Signature,
-                  *, sent_events: bool) -> str:
+                  *, sent_events: bool, group_id: str | None = None, ignore_header_results: bool = False,
+                  priority: int | None = None, queue: str | None = None) -> str:
     # The route and the task's own execution options depend on the task name only: resolve once.
     exec_options = {k: v for k, v in task._get_exec_options().items() if v is not None}
+    if queue is not None:
+        exec_options["queue"] = queue  # (the router keeps an explicit queue over the task's route)
     if exec_options.get("expires") is not None or not header_kwargs:
         # send_task turns a task-level expiry into a per-message one: not worth repeating here.
         # An empty header: chord.run sends the body at once.
-        return _plain_chord(task, header_kwargs, body)
-    group_id = uuid()
+        return _plain_chord(task, header_kwargs, body, group_id, ignore_header_results, priority, queue)
+    group_id = group_id or uuid()
     body = body.clone()
     # As chord.run: the body's task id, group id and reply_to are fixed now; the worker that
     # finishes the last header task sends it (with itself as parent).
@@ -131,17 +165,19 @@ def _send_batched(app: Celery, task: Any, header_kwargs: list[Mapping[str, Any]]
 
     name = task.name
     amqp = app.amqp
-    ignore_result = exec_options.pop("ignore_result", task.ignore_result)
+    ignore_result = exec_options.pop("ignore_result", task.ignore_result) or ignore_header_results
     time_limit = exec_options.pop("time_limit", None)
     soft_time_limit = exec_options.pop("soft_time_limit", None)
     route = amqp.router.route(exec_options, name, (), dict(header_kwargs[0]), task)
+    if priority is not None:
+        route["priority"] = priority  # (send_task_message passes it on to the producer's publish)
     reply_to = app.thread_oid
     send = amqp.send_task_message
     task_ids = [uuid() for _ in header_kwargs]
 
     def publish_all(producer: Any, route: dict[str, Any]) -> None:
         with producer.connection._reraise_as_library_errors(), producer.batch(max_size=batch_size()):
-            for index, (task_id, kwargs) in enumerate(zip(task_ids, header_kwargs)):
+            for index, (task_id, kwargs) in enumerate(zip(task_ids, header_kwargs, strict=True)):
                 kwargs = dict(kwargs)
                 message = amqp.create_task_message(
                     task_id, name, (), kwargs,
@@ -150,7 +186,7 @@ def _send_batched(app: Celery, task: Any, header_kwargs: list[Mapping[str, Any]]
                     create_sent_event=sent_events, root_id=root_id, parent_id=parent_id,
                     ignore_result=ignore_result,
                     # What saferepr gives for a flat dict of str and int, without its cost.
-                    argsrepr="()", kwargsrepr=repr(kwargs),
+                    argsrepr="()", kwargsrepr=repr(auth.redacted(kwargs)),
                 )
                 send(producer, name, message, **route)
 

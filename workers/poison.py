@@ -31,22 +31,23 @@ import math
 import reprlib
 import threading
 from collections.abc import Callable, Container
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import redis
 from celery import states
 from celery.utils.time import maybe_iso8601
+from kombu.exceptions import InconsistencyError
+from kombu.serialization import loads as kombu_loads
+from kombu.utils.json import loads as json_loads
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from kombu.exceptions import InconsistencyError
-from kombu.utils.json import loads as json_loads
 
-from uploader import contract
+from uploader import contract, signing
 from uploader.checkpoint.connection import redis_client
 from uploader.checkpoint.deadletter import DeadLetters, make_entry, printable
 from uploader.context import default_context
-from uploader.contract import json_type, task_arguments_problem
+from uploader.contract import json_type, named_arguments, task_arguments_problem
 from uploader.errors import MessageQuarantined
 from uploader.request import valid_upload_id
 
@@ -185,7 +186,7 @@ def _parse_time(name: str, value: Any) -> tuple[datetime | None, str | None]:
         parsed = maybe_iso8601(value)
         assert parsed is not None
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
+            parsed = parsed.replace(tzinfo=UTC)
         parsed.timestamp()  # out of range for the platform?
     except Exception:  # noqa: BLE001  (dateutil raises ValueError, OverflowError, ...)
         return None, f"header {name!r} is not an ISO 8601 time: {_quote(value)}"
@@ -227,6 +228,8 @@ def inspect_message(
     headers: Any, content_type: Any, content_encoding: Any, body: Any, *,
     tasks: Container[str], visibility_timeout: float, now: datetime | None = None,
     decode: Callable[[], Any] | None = None,
+    authenticate: Callable[[str, dict[str, Any]], str | None] | None = None,
+    signed: bool = False,
 ) -> Verdict:
     """Whether a task message (Celery protocol 2, as a kombu ``Message`` holds it: its headers,
     content type and encoding, and its body bytes) can be handed to Celery.
@@ -236,6 +239,11 @@ def inspect_message(
     I/O, no clock unless the message has an ``eta`` and ``now`` is not given. ``decode``, if
     given, decodes ``body`` instead of kombu's JSON decoder (the worker passes the message's own
     ``decode``, whose result kombu caches for Celery, so the body is decoded once).
+    ``authenticate``, if given, is asked last, with the task and its arguments by name, whether
+    the sender may send it (the worker passes :func:`uploader.contract.authority_problem` with
+    its fleet key). ``signed``: this fleet uses Celery's message signing (:mod:`uploader.signing`);
+    only signed messages wrapping JSON are accepted, and ``decode`` verifies their signature
+    (a message whose signature does not verify is refused, never raised). Otherwise only JSON is.
     """
     if type(headers) is not dict:
         return Verdict(f"headers are {json_type(headers)}, not an object")
@@ -243,13 +251,17 @@ def inspect_message(
     task_id = headers.get("id")
     name = task if type(task) is str else None
     ident = task_id if type(task_id) is str else None
-    problem = _problem(headers, task, task_id, content_type, content_encoding, body, tasks, visibility_timeout, now, decode)
+    problem = _problem(
+        headers, task, task_id, content_type, content_encoding, body, tasks, visibility_timeout, now, decode, authenticate,
+        signed,
+    )
     return Verdict(problem, name, ident)
 
 
 def _problem(
     headers: dict[str, Any], task: Any, task_id: Any, content_type: Any, content_encoding: Any, body: Any,
     tasks: Container[str], visibility_timeout: float, now: datetime | None, decode: Callable[[], Any] | None,
+    authenticate: Callable[[str, dict[str, Any]], str | None] | None = None, signed: bool = False,
 ) -> str | None:
     if task is None:
         return "no 'task' header (Celery message protocol 2 is required)"
@@ -259,7 +271,10 @@ def _problem(
         return f"unknown task name {_quote(task)}"
     if not _task_id(task_id):
         return "no 'id' header" if task_id is None else f"header 'id' is not a task id: {_quote(task_id)}"
-    if content_type != JSON_CONTENT_TYPE:
+    if signed and content_type != signing.SIGNED_CONTENT_TYPE:
+        return (f"unsigned message (content type {_quote(content_type)}): this fleet runs only messages signed "
+                "with a trusted certificate (Celery's auth serializer, UPLOADER_MESSAGE_SIGNING_*)")
+    if not signed and content_type != JSON_CONTENT_TYPE:
         return f"content type {_quote(content_type)} is not {JSON_CONTENT_TYPE}"
     if type(content_encoding) is not str or content_encoding.lower() != "utf-8":
         return f"content encoding {_quote(content_encoding)} is not utf-8"
@@ -276,16 +291,30 @@ def _problem(
         if problem is not None:
             return problem
         if when is not None:
-            ahead = (when - (now or datetime.now(timezone.utc))).total_seconds()
+            ahead = (when - (now or datetime.now(UTC))).total_seconds()
             if ahead > visibility_timeout:
                 return (f"eta {_quote(eta)} is {ahead:.0f} s ahead, beyond the visibility timeout "
                         f"({visibility_timeout:g} s): it would be delivered again while a worker holds it")
 
     if not body:
         return "no body" if body is None else "empty body"
+    if signed:
+        # Before decoding: Celery's signature does not cover the inner content type.
+        problem = signing.inner_content_problem(body)
+        if problem is not None:
+            return problem
     try:
-        payload = decode() if decode is not None else json_loads(body)
+        if decode is not None:
+            payload = decode()
+        elif signed:
+            payload = kombu_loads(body, content_type, content_encoding, accept=[signing.SIGNED_CONTENT_TYPE])
+        else:
+            payload = json_loads(body)
     except Exception as exc:  # noqa: BLE001  (JSONDecodeError, or kombu's type hooks, maybe as DecodeError)
+        if signed:
+            refused = signing.verification_problem(exc)
+            if refused is not None:
+                return escape(refused, 200)
         cause = exc.__cause__ or exc.__context__ or exc
         if isinstance(exc, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError):
             return "body is not UTF-8 text"
@@ -316,7 +345,10 @@ def _problem(
             problem = _signature_problem("body: embed 'chord'", chord)
             if problem is not None:
                 return problem
-    return task_arguments_problem(task, list(args), kwargs)
+    problem = task_arguments_problem(task, list(args), kwargs)
+    if problem is None and authenticate is not None:
+        problem = authenticate(task, named_arguments(task, list(args), kwargs))
+    return problem
 
 
 def item_problem(exc: BaseException) -> str:
@@ -375,11 +407,13 @@ def deadletters() -> DeadLetters:
     with _deadletters_lock:
         if _deadletters is None:
             from uploader.config import get_settings
+            from uploader.redis_tls import tls_options
 
             settings = get_settings()
             client = redis_client(
                 settings.effective_checkpoint_url, timeout=2, retry=Retry(NoBackoff(), 0),
                 sentinel_master=settings.redis_sentinel_master, sentinel_password=settings.redis_sentinel_password_value,
+                tls=tls_options(settings),
             )
             _deadletters = DeadLetters(client, prefix=settings.key_prefix)
         return _deadletters
@@ -417,20 +451,29 @@ def answer_sender(app: Any, reason: str, task: Any, task_id: Any, body: Any) -> 
     if not _task_id(task_id):
         return
     error = MessageQuarantined(f"the message was quarantined (never run): {escape(reason, 300)}")
+    # The refusal first: a sender that sees the result may ask `status` at once.
+    if task in (contract.START_UPLOAD, contract.START_MANY):
+        _note_refusal(error, body)
     try:
         app.backend.store_result(task_id, error, states.FAILURE)
     except Exception as exc:  # noqa: BLE001  (the result backend away: the log line remains)
         log.warning("could not store the result of quarantined task %s: %s", escape(task_id, 100), escape(str(exc), 120))
-    if task != contract.START_UPLOAD:
-        return
+
+
+def _note_refusal(error: MessageQuarantined, body: Any) -> None:
+    """Record ``error`` as the refusal of the start request in ``body`` (of each request, for a
+    start_many: at most :data:`~uploader.contract.MAX_UPLOADS_PER_MESSAGE`), if it names a
+    usable upload id. Never raises."""
     try:
         _, kwargs, _ = json.loads(body)
-        upload_id = kwargs.get("upload_id")
+        requests = kwargs.get("uploads") if "uploads" in kwargs else [kwargs]
+        upload_ids = [r.get("upload_id") for r in requests[: contract.MAX_UPLOADS_PER_MESSAGE] if isinstance(r, dict)]
     except Exception:  # noqa: BLE001  (a body too broken to name an upload)
         return
-    if isinstance(upload_id, str) and valid_upload_id(upload_id):
-        try:
-            ctx = default_context()
-            ctx.checkpoint.refuse(upload_id, str(error), ctx.settings.refusal_retention_seconds, "MessageQuarantined")
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not note the refusal of upload %s: %s", upload_id, escape(str(exc), 120))
+    for upload_id in upload_ids:
+        if isinstance(upload_id, str) and valid_upload_id(upload_id):
+            try:
+                ctx = default_context()
+                ctx.checkpoint.refuse(upload_id, str(error), ctx.settings.refusal_retention_seconds, "MessageQuarantined")
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not note the refusal of upload %s: %s", upload_id, escape(str(exc), 120))

@@ -6,45 +6,95 @@ The logic lives in :mod:`uploader.coordinator`, :mod:`uploader.transfer` and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
+from celery.exceptions import Retry
 from celery.utils import uuid
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from uploader import completion, contract, maintenance, transfer
+from uploader import auth, completion, contract, limits, maintenance, priority, transfer
+from uploader.batch.coordinator import Batches, PageVerdict
+from uploader.checkpoint.store import part_lease_owner
 from uploader.context import default_context
-from uploader.coordinator import Coordinator, Dispatch
+from uploader.coordinator import Coordinator, Dispatch, PutGroup
 from uploader.errors import TransientStoreError, UploaderError
-from workers import fanout
+from uploader.model import CompletionVerdict, DispatchKind, PartVerdict
+from workers import chords, fanout, lanes
 from workers.app import app, lease_holder
 
 log = get_task_logger(__name__)
 
 
+def signed(task: Any, **kwargs: Any) -> dict[str, Any]:
+    """``kwargs`` of a message of our internal ``task`` with the fleet key's proof added (see
+    uploader/auth.py): workers refuse internal messages without one."""
+    key = default_context().settings.fleet_key_bytes
+    if key is None:  # the worker refuses to start without one (workers/app.py)
+        raise RuntimeError("UPLOADER_FLEET_KEY is not set: internal messages cannot be signed")
+    return auth.signed(key, task.name, kwargs)
+
+
+def signature(task: Any, **kwargs: Any) -> Any:
+    """An immutable signature of internal ``task``, signed, shown without its proof."""
+    arguments = signed(task, **kwargs)
+    return task.si(**arguments).set(kwargsrepr=repr(auth.redacted(arguments)))
+
+
+def send(task: Any, **kwargs: Any) -> Any:
+    """Send internal ``task`` now, signed (``countdown``, ``task_id``, ``ignore_result`` and
+    ``priority``, the broker's value: see :func:`message_priority`, and ``queue`` are message options, not arguments)."""
+    options = {name: kwargs.pop(name) for name in ("countdown", "task_id", "ignore_result", "priority", "queue")
+               if name in kwargs}
+    arguments = signed(task, **kwargs)
+    return task.apply_async(kwargs=arguments, kwargsrepr=repr(auth.redacted(arguments)), **options)
+
+
+def message_priority(plan: Dispatch) -> int | None:
+    """The broker priority of the upload's part messages: the request's ``priority`` as this
+    broker ranks it (uploader/priority.py); ``None`` (the broker's default) if it asked none."""
+    record = plan.record or default_context().checkpoint.get(plan.upload_id)
+    wanted = record.priority if record is not None else None
+    return priority.message_priority(wanted, app.conf.broker_url or "")
+
+
 def dispatch(plan: Dispatch) -> None:
-    """Send what the coordinator decided. Part messages carry the upload id and part number only;
-    the plan itself is in the checkpoint."""
+    """Send what the coordinator decided. Part messages carry the upload id and part number only
+    (the plan itself is in the checkpoint), at the upload's priority, in the part lane the
+    fewest parts wait in (workers/lanes.py)."""
     upload_id, generation = plan.upload_id, plan.generation
-    if plan.kind == "parts":
+    if plan.kind in (DispatchKind.PARTS, DispatchKind.RESEND):
+        # (A part that comes back later, retried or held back by a limit, keeps its message's
+        # priority and lane.)
+        part_priority = message_priority(plan)
+        ctx = default_context()
+        lane = lanes.choose(app, ctx.checkpoint, ctx.settings.part_lanes)
+    if plan.kind is DispatchKind.PARTS:
         # chord(upload_part x parts, complete_upload), sent in batches on Redis: see workers/fanout.py.
-        body = complete_upload.si(upload_id=upload_id, generation=generation).on_error(
-            upload_failed.s(upload_id=upload_id, generation=generation)
+        failed = upload_failed.s(**signed(upload_failed, upload_id=upload_id, generation=generation))
+        body = signature(complete_upload, upload_id=upload_id, generation=generation).on_error(
+            failed.set(kwargsrepr=repr(auth.redacted(failed.kwargs)))
         )
+        # Noted first, so that the chord's keys are deleted once the upload settles (workers/chords.py);
+        # the part messages store no result (nothing reads one; a key per part outlived the upload).
+        group_id = uuid()
+        ctx.checkpoint.note_chord(upload_id, group_id, ctx.settings.retention_seconds)
         fanout.send_chord(
             app, upload_part,
-            ({"upload_id": upload_id, "part_number": n, "generation": generation} for n in plan.parts),
-            body,
+            (signed(upload_part, upload_id=upload_id, part_number=n, generation=generation) for n in plan.parts),
+            body, group_id=group_id, ignore_header_results=True, priority=part_priority, queue=lane,
         )
-    elif plan.kind == "resend":
+    elif plan.kind is DispatchKind.RESEND:
         # Parts taken back from a dead or hung holder: no chord (the last part recorded
-        # triggers completion, and the dispatch whose chord these parts belonged to still has one).
+        # triggers completion, and the dispatch whose chord these parts belonged to still has one),
+        # and no result stored.
         for n in plan.parts:
-            upload_part.apply_async(kwargs={"upload_id": upload_id, "part_number": n, "generation": generation})
-    elif plan.kind == "single":
+            send(upload_part, upload_id=upload_id, part_number=n, generation=generation, ignore_result=True,
+                 priority=part_priority, queue=lane)
+    elif plan.kind is DispatchKind.SINGLE:
         _put_here_or_enqueue(plan)
-    elif plan.kind == "complete":
-        complete_upload.si(upload_id=upload_id, generation=generation).apply_async()
+    elif plan.kind is DispatchKind.COMPLETE:
+        send(complete_upload, upload_id=upload_id, generation=generation)
 
 
 def _put_here_or_enqueue(plan: Dispatch) -> None:
@@ -56,28 +106,70 @@ def _put_here_or_enqueue(plan: Dispatch) -> None:
     try:
         transfer.put_single(default_context(), plan.upload_id, plan.generation, token=token, claimed=plan.record)
     except TransientStoreError as exc:
-        log.warning("upload %s: PutObject: %s; retrying as a task", plan.upload_id, exc)
-        put_object.si(upload_id=plan.upload_id, generation=plan.generation).apply_async(task_id=token, countdown=1)
+        _retry_put(plan.upload_id, plan.generation, token, exc)
 
 
-def _retry_or_fail(task: Any, exc: TransientStoreError, upload_id: str, what: str, generation: int = 0) -> None:
+def _retry_put(upload_id: str, generation: int, token: str, exc: TransientStoreError) -> None:
+    """Continue a small upload's PUT that met a transient error as a ``put_object`` task (with
+    its own retries), under ``token``, the completion lease its sender holds."""
+    log.warning("upload %s: PutObject: %s; retrying as a task", upload_id, exc)
+    send(put_object, upload_id=upload_id, generation=generation, task_id=token, countdown=1)
+
+
+def send_groups(groups: list[PutGroup]) -> None:
+    """One ``put_objects`` message per group, storing no result (nothing reads one)."""
+    for group in groups:
+        send(put_objects, uploads=[list(pair) for pair in group.uploads], ignore_result=True)
+
+
+def _retry_or_fail(
+    task: Any, exc: TransientStoreError, upload_id: str | list[str], what: str, generation: int = 0
+) -> None:
     """Retry ``task`` with exponential backoff and full jitter, or fail the upload once the
     configured retries are spent. (The tasks set Celery's own ``max_retries=None``: with its
-    default of 3, Celery would raise past this limit without failing the upload.)"""
+    default of 3, Celery would raise past this limit without failing the upload.)
+
+    A list of uploads (a start_many's) are noted as not started, each that has no record: the
+    others were started by an earlier chunk of the message and go on by themselves."""
     settings = default_context().settings
     retries = task.request.retries
+    upload_ids = [upload_id] if isinstance(upload_id, str) else upload_id
     if retries >= settings.part_max_retries:
         reason = f"{what} failed after {retries + 1} attempts: {exc}"
-        if not completion.mark_failed(default_context(), upload_id, reason, generation, transient=True):
-            # Nothing to mark: a start that gave up before it created the record (S3 unreachable
-            # while checking the bucket). Say why under the upload id, as for a refusal.
-            Coordinator(default_context()).note_abandoned_start(upload_id, exc, reason)
+        for one in upload_ids:
+            if isinstance(upload_id, list) or not completion.mark_failed(
+                default_context(), one, reason, generation, transient=True
+            ):
+                # Nothing to mark: a start that gave up before it created the record (S3 unreachable
+                # while checking the bucket). Say why under the upload id, as for a refusal.
+                Coordinator(default_context()).note_abandoned_start(one, exc, reason)
         raise exc
     countdown = get_exponential_backoff_interval(
         factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
     )
-    log.warning("upload %s: %s: %s; retry %d in %ds", upload_id, what, exc, retries + 1, countdown)
+    shown = upload_ids[0] if len(upload_ids) == 1 else f"{upload_ids[0]} and {len(upload_ids) - 1} more"
+    log.warning("upload %s: %s: %s; retry %d in %ds", shown, what, exc, retries + 1, countdown)
     raise task.retry(exc=exc, countdown=countdown)
+
+
+def _come_back(task: Any, countdown: float) -> NoReturn:
+    """Send this task's message again in ``countdown`` seconds, under the same task id (so a
+    chord still counts it once, when it really ends) and with the same retry count: what
+    ``task.retry`` does, except that ``retry`` counts one more retry, and a part waiting its
+    turn under its upload's concurrency cap is not failing."""
+    request = task.request
+    again = task.signature_from_request(request, None, None, countdown=countdown, retries=request.retries)
+    again.apply_async()
+    raise Retry(None, None, countdown, sig=again)
+
+
+def _operator(task: Any, proof: str | None) -> bool:
+    """Whether this cancel or resume carries an operator's valid proof. (The consumer refused a
+    message with an invalid one already; checked again here, where the decision is made.)"""
+    if proof is None:
+        return False
+    arguments = contract.named_arguments(task.name, list(task.request.args or ()), dict(task.request.kwargs or {}))
+    return auth.proven(default_context().settings.fleet_key_bytes, task.name, arguments)
 
 
 #: ``throws`` of every task: an error of ours (a refusal, a failure already recorded in the
@@ -98,68 +190,145 @@ def start_upload(self: Any, **request: Any) -> str:
         raise
 
 
-@app.task(name=contract.RESUME_UPLOAD, bind=True, max_retries=None, throws=EXPECTED)
-def resume_upload(self: Any, upload_id: str, restart: bool = False) -> dict[str, Any]:
+@app.task(name=contract.START_MANY, bind=True, max_retries=None, throws=EXPECTED)
+def start_many(self: Any, uploads: list[dict[str, Any]]) -> list[dict[str, str]]:
+    # As for start_upload: an entry that names no upload id gets one made of this task's id
+    # (stable across its retries) and its place in the list.
+    base = str(self.request.id).replace("-", "")
+    requests = [{"upload_id": f"{base}-{index}", **entry} for index, entry in enumerate(uploads)]
     try:
-        plan = Coordinator(default_context()).resume(upload_id, dispatch, restart=restart)
+        started = Coordinator(default_context()).start_many(requests, dispatch, send_groups)
+    except TransientStoreError as exc:
+        _retry_or_fail(self, exc, [str(r["upload_id"]) for r in requests], "starting the uploads")
+        raise
+    return [entry.to_dict() for entry in started]
+
+
+@app.task(name=contract.RESUME_UPLOAD, bind=True, max_retries=None, throws=EXPECTED)
+def resume_upload(
+    self: Any, upload_id: str, restart: bool = False, token: str | None = None, proof: str | None = None
+) -> dict[str, Any]:
+    coordinator = Coordinator(default_context())
+    coordinator.authorize(upload_id, "resume", token=token, operator=_operator(self, proof))
+    try:
+        plan = coordinator.resume(upload_id, dispatch, restart=restart)
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, "resuming the upload")
     return {"upload_id": upload_id, "dispatched": plan.kind, "parts": len(plan.parts), "reason": plan.reason}
 
 
-@app.task(name=contract.CANCEL_UPLOAD, throws=EXPECTED)
-def cancel_upload(upload_id: str) -> str:
-    return Coordinator(default_context()).cancel(upload_id)
+@app.task(name=contract.CANCEL_UPLOAD, bind=True, throws=EXPECTED)
+def cancel_upload(self: Any, upload_id: str, token: str | None = None, proof: str | None = None) -> str:
+    coordinator = Coordinator(default_context())
+    coordinator.authorize(upload_id, "cancel", token=token, operator=_operator(self, proof))
+    return coordinator.cancel(upload_id)
 
 
 @app.task(name=contract.UPLOAD_PART, bind=True, max_retries=None, throws=EXPECTED)
-def upload_part(self: Any, upload_id: str, part_number: int, generation: int) -> str:
+def upload_part(self: Any, upload_id: str, part_number: int, generation: int, proof: str = "") -> str:
     ctx = default_context()
     try:
-        owner = f"{lease_holder(self.request.hostname)}|{self.request.id}"
+        owner = part_lease_owner(lease_holder(self.request.hostname), self.request.id)
         outcome = transfer.upload_part(ctx, upload_id, part_number, generation, owner)
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, f"part {part_number}", generation)
         raise  # unreachable: _retry_or_fail always raises
-    if outcome.outcome == "last":
+    if outcome.verdict is PartVerdict.LIMITED:
+        # The upload's max_concurrency parts are being sent: come back in a moment. Not an error:
+        # no retry is used up, nothing was leased or counted as sent.
+        _come_back(self, limits.wait_seconds())
+    if outcome.verdict is PartVerdict.LAST:
         # Every part is recorded: complete now rather than wait for the chord, which may belong
         # to an older dispatch or never fire (a part of it was lost with its worker).
         record = ctx.checkpoint.get(upload_id)
         if record is not None:
-            complete_upload.si(upload_id=upload_id, generation=record.generation).apply_async()
-    return outcome.outcome
+            send(complete_upload, upload_id=upload_id, generation=record.generation)
+    return outcome.text
 
 
 @app.task(name=contract.PUT_OBJECT, bind=True, max_retries=None, throws=EXPECTED)
-def put_object(self: Any, upload_id: str, generation: int) -> str:
+def put_object(self: Any, upload_id: str, generation: int, proof: str = "") -> str:
     try:
-        return transfer.put_single(default_context(), upload_id, generation, token=self.request.id)
+        return transfer.put_single(default_context(), upload_id, generation, token=self.request.id).text
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, "PutObject", generation)
         raise
 
 
+@app.task(name=contract.PUT_OBJECTS, bind=True, ignore_result=True, throws=EXPECTED)
+def put_objects(self: Any, uploads: list[list[Any]], proof: str = "") -> None:
+    outcome = transfer.put_many(default_context(), [(str(u), int(g)) for u, g in uploads], _retry_put)
+    log.info(
+        "put_objects: %d completed, %d failed, %d retrying, %d skipped",
+        len(outcome.completed), len(outcome.failed), len(outcome.retrying), len(outcome.skipped),
+    )
+
+
 @app.task(name=contract.COMPLETE_UPLOAD, bind=True, max_retries=None, throws=EXPECTED)
-def complete_upload(self: Any, upload_id: str, generation: int) -> str:
+def complete_upload(self: Any, upload_id: str, generation: int, proof: str = "") -> str:
     ctx = default_context()
     try:
         outcome = completion.complete_upload(ctx, upload_id, generation, token=self.request.id)
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, upload_id, "CompleteMultipartUpload", generation)
         raise
-    if outcome.verdict == "redispatch":
-        # The trigger fired with parts missing (a redelivered part can fire a chord early, and a
-        # killed worker's parts never report): send them again, complete afterwards.
-        dispatch(Dispatch(upload_id, "parts", outcome.parts, outcome.generation))
-    elif outcome.verdict == "wait":
+    if outcome.verdict is CompletionVerdict.WAIT:
         # Only parts leased to live workers are missing: they will record and trigger completion;
         # look again once a lease could have lapsed, in case their worker dies first.
         raise self.retry(countdown=ctx.settings.worker_heartbeat_seconds)
-    return outcome.verdict
+    return outcome.text
+
+
+@app.task(name=contract.START_BATCH, bind=True, throws=EXPECTED)
+def start_batch(self: Any, **request: Any) -> str:
+    # As for start_upload: no batch id named, the task's own (stable across redeliveries).
+    request.setdefault("batch_id", "b" + str(self.request.id).replace("-", ""))
+    batch_id = Batches(default_context()).start(request)
+    send_batch_page(batch_id, 0)
+    return batch_id
+
+
+#: How long a batch's listing waits for an earlier page's uploads (uploader/batch/coordinator.py's AHEAD_FILES).
+BATCH_PAGE_WAIT_SECONDS = 0.2
+
+
+def send_batch_page(batch_id: str, page: int) -> None:
+    send(list_batch, batch_id=batch_id, page=page, ignore_result=True)
+
+
+@app.task(name=contract.LIST_BATCH, bind=True, max_retries=None, throws=EXPECTED)
+def list_batch(self: Any, batch_id: str, page: int, proof: str = "") -> str:
+    """One page of a batch's directory listed and its files started; then the next page is sent
+    (the cursor is in the batch record, so the message is ids and numbers only)."""
+    try:
+        outcome = Batches(default_context()).list_page(batch_id, page, dispatch, send_groups)
+    except TransientStoreError as exc:  # Redis or S3 away while listing: the same page again, later
+        log.warning("batch %s: page %d: %s; retrying", batch_id, page, exc)
+        raise self.retry(exc=exc, countdown=default_context().settings.retry_backoff_max) from None
+    if outcome.verdict is PageVerdict.WAIT:
+        # An earlier page's files are mostly still queued: list this one a moment later.
+        _come_back(self, BATCH_PAGE_WAIT_SECONDS)
+    if outcome.verdict is PageVerdict.MORE:
+        send_batch_page(batch_id, page + 1)
+    return f"{outcome.verdict}: {outcome.started} started, {outcome.skipped} skipped, {outcome.failed} failed"
+
+
+@app.task(name=contract.CANCEL_BATCH, bind=True, throws=EXPECTED)
+def cancel_batch(self: Any, batch_id: str, token: str | None = None, proof: str | None = None) -> dict[str, Any]:
+    batches = Batches(default_context())
+    batches.authorize(batch_id, "cancel", token=token, operator=_operator(self, proof))
+    return batches.cancel(batch_id)
+
+
+@app.task(name=contract.RESUME_BATCH, bind=True, throws=EXPECTED)
+def resume_batch(self: Any, batch_id: str, token: str | None = None, proof: str | None = None) -> dict[str, Any]:
+    batches = Batches(default_context())
+    batches.authorize(batch_id, "resume", token=token, operator=_operator(self, proof))
+    return batches.resume(batch_id, dispatch, send_groups, send_batch_page)
 
 
 @app.task(name=contract.RECONCILE)
-def reconcile() -> list[str]:
+def reconcile(proof: str = "") -> list[str]:
     """One reconcile run now, on whichever worker receives it (the workers' recovery leader runs
     one every UPLOADER_RECONCILE_INTERVAL anyway): parts of dead holders sent again, stalled and
     transiently failed uploads resumed."""
@@ -167,13 +336,18 @@ def reconcile() -> list[str]:
 
 
 @app.task(name=contract.JANITOR)
-def janitor(dry_run: bool = False) -> list[dict[str, str]]:
+def janitor(dry_run: bool = False, proof: str = "") -> list[dict[str, str]]:
     """Abort and forget abandoned uploads (only ones this system started)."""
-    return [vars(a) for a in maintenance.run_janitor(default_context(), dry_run=dry_run)]
+    return [a.to_dict() for a in maintenance.run_janitor(default_context(), dry_run=dry_run, forget_chords=forget_chords)]
+
+
+def forget_chords(group_ids: list[str]) -> None:
+    """Delete these chords' keys from the result backend (see workers/chords.py)."""
+    chords.forget(app, group_ids)
 
 
 @app.task(name=contract.UPLOAD_FAILED)
-def upload_failed(failed_task_id: str, upload_id: str, generation: int) -> bool:
+def upload_failed(failed_task_id: str, upload_id: str, generation: int, proof: str = "") -> bool:
     """Chord errback: a part or the completion of dispatch ``generation`` failed in a way the
     tasks did not handle (a no-op if a resume has superseded that dispatch)."""
     result = app.AsyncResult(failed_task_id)

@@ -31,6 +31,9 @@ from workers import poison
 
 log = logging.getLogger(__name__)
 
+#: What a blocking read may raise that the worker's consumer handles itself.
+_READ_ERRORS: tuple[type[BaseException], ...] = (Empty, *poison.BROKER_ERRORS)
+
 
 class _RemembersBRPOP:
     """Mixin for the channel's redis-py client class: keeps the last ``BRPOP`` reply."""
@@ -92,7 +95,7 @@ class _PoisonGuard:
         self._poison_delivering = False
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
-        except (Empty, *poison.BROKER_ERRORS):
+        except _READ_ERRORS:
             raise
         except Exception as exc:  # noqa: BLE001
             reply = client.last_brpop

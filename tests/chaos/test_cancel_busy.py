@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.chaos.conftest import GiB, PART, TIMEOUT, Report, multipart_upload_exists, scaled
+from tests.chaos.conftest import PART, TIMEOUT, GiB, Report, multipart_upload_exists, scaled
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
 from uploader import contract

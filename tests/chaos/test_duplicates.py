@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from tests.chaos.conftest import (
-    GiB,
     PART,
     SEED,
     TIMEOUT,
+    GiB,
     Report,
     Stuck,
     open_uploads_for,
@@ -30,6 +30,8 @@ from tests.chaos.conftest import (
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
 from uploader import Uploader
+from uploader.auth import Capability
+from uploader.capabilities import CapabilityStore
 from uploader.planner import MiB
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]
@@ -65,7 +67,12 @@ def test_start_upload_sent_ten_times_at_once(make_stack, create_counter: FaultPr
     key = "dup.bin"
     path = stack.make_file(DUP_SIZE)
     upload_id = f"dup-{uuid.uuid4().hex[:12]}"
-    clients = [Uploader(stack.settings) for _ in range(DUPLICATES)]
+    # One submission sent ten times (a client's retries, a redelivered message): the same upload
+    # id and the same capability, from ten clients at once. (A start with another capability is
+    # another submitter's, refused: tests/test_authority.py.)
+    kept = CapabilityStore()
+    kept.save(upload_id, Capability.new().token)
+    clients = [Uploader(stack.settings, capabilities=kept) for _ in range(DUPLICATES)]
     handles: list[Any] = [None] * DUPLICATES
     barrier = threading.Barrier(DUPLICATES)
 
@@ -135,14 +142,19 @@ def test_resume_and_cancel_race(make_stack, report: Report) -> None:  # type: ig
             # Every other round races the completion (right when the last part is recorded);
             # the others race at a random point of the upload.
             at = part_count if n % 2 else rng.randint(1, part_count - 1)
-            stack.wait_status(handle.upload_id, lambda s: s.parts_done >= at or s.terminal, 120, f"{at} parts")
+            stack.wait_status(handle.upload_id, lambda s, at=at: s.parts_done >= at or s.terminal, 120, f"{at} parts")
             outcomes: dict[str, str] = {}
             barrier = threading.Barrier(2)
 
-            def call(name: str, fn: Any) -> None:
+            # This round's barrier, outcomes and upload bound now: a thread that outlives its
+            # join timeout must not race on the next round's.
+            def call(
+                name: str, fn: Any, barrier: threading.Barrier = barrier, outcomes: dict[str, str] = outcomes,
+                upload_id: str = handle.upload_id,
+            ) -> None:
                 barrier.wait()
                 try:
-                    outcomes[name] = repr(fn(handle.upload_id))[:120]
+                    outcomes[name] = repr(fn(upload_id))[:120]
                 except Exception as exc:  # noqa: BLE001 - the loser's refusal is part of the outcome
                     outcomes[name] = f"{type(exc).__name__}: {exc}"[:160]
 

@@ -27,7 +27,7 @@ from tests.conftest import Stack
 from tests.test_poison import MALFORMED, client_app, malformed  # noqa: F401  (client_app: a fixture)
 from uploader.checkpoint.deadletter import DeadLetters
 from uploader.contract import CONTROL_QUEUE, PARTS_QUEUE
-from uploader.localstack import wait_until
+from uploader.dev.localstack import wait_until
 from uploader.planner import MiB
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]

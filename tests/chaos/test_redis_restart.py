@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.conftest import (
-    GiB,
     PART,
     TIMEOUT,
+    GiB,
     Report,
     Stuck,
     inflight_leases,
@@ -25,7 +25,7 @@ from tests.chaos.conftest import (
 )
 from tests.conftest import Stack
 from uploader.checkpoint.store import Lease
-from uploader.localstack import RedisServer
+from uploader.dev.localstack import RedisServer
 from uploader.planner import MiB
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]
@@ -85,7 +85,7 @@ def test_redis_restart_with_aof(  # type: ignore[no-untyped-def]
         down_at = time.monotonic()
         for n in range(RESTARTS):
             threshold = max((n + 1) * part_count // (RESTARTS + 2), 2)
-            before = stack.wait_status(upload_id, lambda s: s.parts_done >= threshold, 120, f"{threshold} parts")
+            before = stack.wait_status(upload_id, lambda s, threshold=threshold: s.parts_done >= threshold, 120, f"{threshold} parts")
             server.stop()  # SIGTERM: Redis fsyncs the AOF, then exits
             down_at = time.monotonic()
             time.sleep(downtime)

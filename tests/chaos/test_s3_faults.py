@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.chaos.conftest import GiB, PART, SEED, SCALE, TIMEOUT, Report, scaled, wait_terminal
+from tests.chaos.conftest import PART, SCALE, SEED, TIMEOUT, GiB, Report, scaled, wait_terminal
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
 from uploader.planner import MiB

@@ -20,7 +20,7 @@ import redis
 
 from tests.chaos.conftest import PART, TIMEOUT, Report, Stuck, scaled, wait_terminal, worker_log_lines
 from tests.conftest import Stack
-from uploader.localstack import RedisSentinel, RedisServer, wait_until
+from uploader.dev.localstack import RedisSentinel, RedisServer, wait_until
 from uploader.planner import MiB
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]

@@ -29,8 +29,8 @@ from tests.chaos.conftest import SEED, Report, inflight_leases, open_uploads_for
 from tests.conftest import Stack
 from tests.faultproxy import FaultProxy
 from uploader.client import UploadHandle
+from uploader.dev.localstack import RedisServer, Worker
 from uploader.errors import Unreachable
-from uploader.localstack import RedisServer, Worker
 from uploader.planner import KiB, MiB
 
 MINUTES = float(os.environ.get("UPLOADER_SOAK_MINUTES", "0"))

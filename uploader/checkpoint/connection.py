@@ -12,11 +12,15 @@ the failover (see ``CheckpointStore.from_url``) lands on the promoted replica.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.retry import Retry
 from redis.sentinel import Sentinel
+
+from uploader.redis_tls import tls_failure, uses_tls
 
 SENTINEL_SCHEME = "sentinel"
 
@@ -44,19 +48,35 @@ def sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
     return hosts, password, db
 
 
+class OutageRetry(Retry):
+    """redis-py's retry, except for a TLS failure (an unknown CA, a plain-text port, a refused
+    client certificate): waiting does not fix those, so the first one is raised at once instead
+    of after every reconnection attempt (about a minute with the workers' 30)."""
+
+    def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False) -> Any:
+        def retryable(error: Exception) -> bool:
+            return tls_failure(error) is None and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def redis_client(
     url: str,
     *,
     sentinel_master: str | None = None,
     sentinel_password: str | None = None,
     timeout: float | None = None,
+    tls: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> redis.Redis:
     """A client for the Redis at ``url`` (a primary found through the sentinels for a
     ``sentinel://`` URL, whose primary is named ``sentinel_master``). ``timeout``: seconds to
-    connect and per command; ``options``: the rest of redis-py's client options (retry,
-    decode_responses, ...)."""
+    connect and per command; ``tls``: the ``ssl_*`` options of a ``rediss://`` URL
+    (:func:`uploader.redis_tls.tls_options`; ignored for other URLs); ``options``: the rest of
+    redis-py's client options (retry, decode_responses, ...)."""
     if not is_sentinel_url(url):
+        if tls and uses_tls(url):
+            options = {**tls, **options}
         return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout, **options)
     if not sentinel_master:
         raise ValueError(

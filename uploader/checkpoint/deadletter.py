@@ -24,6 +24,8 @@ from typing import Any
 
 import redis
 
+from uploader.logsafe import escape_controls
+
 #: Newest entries kept; older ones are trimmed as new ones arrive.
 MAX_ENTRIES = 10_000
 #: Bytes of a message's body kept in its entry.
@@ -39,9 +41,8 @@ def printable(value: Any, limit: int = 200) -> str:
     characters (newlines, terminal escape sequences, Unicode line separators) are escaped, so a
     hostile value can neither forge a log line nor drive a terminal."""
     text = value if isinstance(value, str) else repr(value)
-    if not text[: limit + 1].isprintable():
-        # Escaped before it is cut (escapes lengthen it); only what can be shown is escaped.
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    # Escaped before it is cut (escapes lengthen it); only what can be shown is escaped.
+    text = escape_controls(text[: limit + 1])
     return text[:limit] + "..." if len(text) > limit else text
 
 

@@ -8,28 +8,38 @@ reads as a short list of files::
                                              |  +----reopen_upload------+ (lapsed lease) / failed
           any active --mark_failed--> failed --reopen_upload / restart_upload--> uploading
           any but completed --cancel_upload--> cancelled
+    completed, failed for good (no automatic resume to come), cancelled: outbox events written in
+    the same script, when the upload asked to be notified (``append_outbox`` in ``lua/_shared.lua``)
     (none) --claim_upload--> creating, or for a single PUT, with its completion lease --> completing
 
 Parts are recorded with ``record_part``, fenced by the multipart upload id they were sent to,
 so a stale task from an older attempt can never write into a newer one.
+
+Besides the index of every upload (``<prefix>:uploads``, for ``list``), the transitions keep
+recovery's *attention index* (``<prefix>:active``: the uploads that are creating, uploading,
+completing, or failed with an automatic resume to come) in the same script, so the reconciler
+reads those and nothing else; an upload that settles with Celery chords on record goes to
+``<prefix>:settled``, from which the recovery leader deletes the chords' keys (see
+``track_attention`` in ``lua/_shared.lua`` and :mod:`uploader.maintenance`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from uploader.checkpoint.connection import redis_client
-from uploader.objectstore import UploadedPart
+from uploader.checkpoint.connection import OutageRetry, redis_client
+from uploader.model import ObjectOptions, PartStart, UploadedPart, UploadRecord, UploadState
 
 log = logging.getLogger(__name__)
 
@@ -42,103 +52,8 @@ REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoad
 #: The longest error or refusal reason stored (characters); longer ones are cut.
 MAX_ERROR_CHARS = 2000
 
-STATES = ("creating", "uploading", "completing", "completed", "failed", "cancelled")
-TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
-
-
-class UploadLifecycle:
-    """Where an upload stands, for anything carrying its ``state`` and ``retry_at`` (the
-    checkpoint's record and the client's status): one rule for both."""
-
-    state: str
-    retry_at: float | None
-
-    @property
-    def retry_pending(self) -> bool:
-        """Failed for a transient reason; the reconciler resumes it at ``retry_at``."""
-        return self.state == "failed" and self.retry_at is not None
-
-    @property
-    def terminal(self) -> bool:
-        """Finished for good: completed, cancelled, or failed with no automatic resume to come."""
-        return self.state in TERMINAL_STATES and not self.retry_pending
-
-
-@dataclass(frozen=True)
-class UploadRecord(UploadLifecycle):
-    """One upload as the checkpoint holds it."""
-
-    upload_id: str
-    state: str
-    source: str
-    bucket: str
-    key: str
-    size: int
-    mtime_ns: int
-    part_size: int
-    part_count: int
-    mode: str
-    mpu_id: str
-    metadata: dict[str, str]
-    content_type: str | None
-    abort_on_failure: bool
-    created: float
-    updated: float
-    finished: float | None
-    parts_done: int
-    bytes_done: int
-    parts_sent: int
-    bytes_sent: int
-    complete_calls: int
-    error: str
-    final_etag: str
-    verified: str
-    attempt: int
-    requested_part_size: int
-    generation: int
-    #: When the reconciler may resume this failed upload by itself (None: it will not).
-    retry_at: float | None
-    auto_resumes: int
-
-    @classmethod
-    def from_hash(cls, upload_id: str, raw: dict[str, str]) -> UploadRecord:
-        def num(name: str, kind: type = int, default: Any = 0) -> Any:
-            value = raw.get(name)
-            return kind(value) if value not in (None, "") else default
-
-        return cls(
-            upload_id=upload_id,
-            state=raw.get("state", "missing"),
-            source=raw.get("source", ""),
-            bucket=raw.get("bucket", ""),
-            key=raw.get("key", ""),
-            size=num("size"),
-            mtime_ns=num("mtime_ns"),
-            part_size=num("part_size"),
-            part_count=num("part_count"),
-            mode=raw.get("mode", "multipart"),
-            mpu_id=raw.get("mpu_id", ""),
-            metadata=json.loads(raw.get("metadata") or "{}"),
-            content_type=raw.get("content_type") or None,
-            abort_on_failure=raw.get("abort_on_failure") == "1",
-            created=num("created", float, 0.0),
-            updated=num("updated", float, 0.0),
-            finished=num("finished", float, None),
-            parts_done=num("parts_done"),
-            bytes_done=num("bytes_done"),
-            parts_sent=num("parts_sent"),
-            bytes_sent=num("bytes_sent"),
-            complete_calls=num("complete_calls"),
-            error=raw.get("error", ""),
-            final_etag=raw.get("final_etag", ""),
-            verified=raw.get("verified", ""),
-            attempt=num("attempt"),
-            requested_part_size=num("requested_part_size"),
-            generation=num("generation"),
-            retry_at=num("retry_at", float, 0.0) or None,
-            auto_resumes=num("auto_resumes"),
-        )
-
+#: Every state a record can be in (kept for callers that iterate them; see :class:`UploadState`).
+STATES = tuple(UploadState)
 
 
 @dataclass(frozen=True)
@@ -155,6 +70,20 @@ class PartJob:
     mtime_ns: int
     offset: int
     length: int
+    #: See UploadRecord.file_id.
+    file_id: str = ""
+    #: See UploadRecord.endpoint.
+    endpoint: str = ""
+    #: See UploadRecord.checksum_algorithm.
+    checksum_algorithm: str = ""
+    #: The upload's object options (the adapter sends what UploadPart takes of them: SSE-C...).
+    options: ObjectOptions = field(default_factory=ObjectOptions)
+    #: See UploadRecord.max_bandwidth (0: no fleet-wide limit).
+    max_bandwidth: int = 0
+    #: See UploadRecord.source_credentials.
+    source_credentials: str = ""
+    #: See UploadRecord.source_endpoint.
+    source_endpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,9 +104,28 @@ class PartTimeLimit:
 DEFAULT_PART_TIME_LIMIT = PartTimeLimit(60.0, 128 * 1024)
 
 
+def part_lease_owner(holder: str, task_id: str) -> str:
+    """The owner of the part lease that one execution of a part task takes:
+    ``"<holder>|<task id>.<execution>"``, ``execution`` new for every call.
+
+    Why not just ``"<holder>|<task id>"``: ``begin_part`` lets a caller take again a lease its
+    own owner holds, and it must, because redis-py's reconnection retry (the store's
+    ``reconnect_attempts``) sends the same script call again when the connection dropped after
+    Redis ran it: that replay must get its own lease back, or the part would stay leased to a
+    task that skipped it until its time limit. But a message delivered twice (a publish retried
+    after a lost confirmation, a visibility-timeout redelivery) carries the same task id, and two
+    such executions on the same holder (a threads pool shares the incarnation's name) would then
+    both send the part at once. A fresh ``execution`` per call tells the replay (same owner:
+    retakes) from the duplicate (another owner: ``leased``). A retry after a release that Redis's
+    absence postponed is covered by :meth:`CheckpointStore.begin_part`, which makes the release
+    first."""
+    return f"{holder}|{task_id}.{secrets.token_hex(4)}"
+
+
 @dataclass(frozen=True)
 class Lease:
-    """A part lease as stored: ``"<holder>|<task id>|<deadline>"`` (see ``_shared.lua``)."""
+    """A part lease as stored: ``"<holder>|<task>|<deadline>"`` (see ``_shared.lua``; ``task``
+    names the execution of the part task: :func:`part_lease_owner`)."""
 
     owner: str
     holder: str
@@ -216,6 +164,8 @@ class RecoveryState:
     leader: str = ""
     reconciled_at: float | None = None
     janitor_at: float | None = None
+    #: When the attention index was last swept (its first build after an upgrade, then with each janitor run).
+    indexed_at: float | None = None
     reclaimed: int = 0
     resumed: int = 0
 
@@ -228,6 +178,7 @@ class RecoveryState:
             leader=raw.get("leader", ""),
             reconciled_at=when("reconciled_at"),
             janitor_at=when("janitor_at"),
+            indexed_at=when("indexed_at"),
             reclaimed=int(raw.get("reclaimed") or 0),
             resumed=int(raw.get("resumed") or 0),
         )
@@ -249,8 +200,10 @@ class _Scripts:
             if entry.name.endswith(".lua") and not entry.name.startswith("_")
         }
 
-    def __call__(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return self._scripts[name](keys=keys, args=args)
+    def __call__(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        """Run transition ``name``; with ``client`` a pipeline, queue it there (its answer comes
+        with the pipeline's ``execute``)."""
+        return self._scripts[name](keys=keys, args=args, client=client)
 
 
 class CheckpointStore:
@@ -267,11 +220,13 @@ class CheckpointStore:
     def from_url(
         cls, url: str, *, prefix: str = "uploader", reconnect_attempts: int = RECONNECT_ATTEMPTS,
         timeout: float | None = None, sentinel_master: str | None = None, sentinel_password: str | None = None,
+        tls: dict[str, Any] | None = None,
     ) -> CheckpointStore:
         """A store on the Redis at ``url`` (``sentinel://`` URLs find the primary named
         ``sentinel_master`` through the sentinels: see :mod:`uploader.checkpoint.connection`).
         ``timeout``: seconds to connect and per command (an interactive client's), where a
-        worker waits as long as its reconnection attempts take."""
+        worker waits as long as its reconnection attempts take. ``tls``: the ``ssl_*`` options of a
+        ``rediss://`` URL (:func:`uploader.redis_tls.tls_options`); a TLS failure is never retried."""
         # Ride out a Redis restart (tens of seconds with a large AOF) or a Sentinel failover
         # instead of failing the task in hand: a part already on the server must still be
         # recorded and its lease released, or the upload waits on a lease nobody will release.
@@ -282,10 +237,11 @@ class CheckpointStore:
             sentinel_master=sentinel_master,
             sentinel_password=sentinel_password,
             timeout=timeout,
+            tls=tls,
             decode_responses=True,
             health_check_interval=30,
             socket_keepalive=True,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), reconnect_attempts),
+            retry=OutageRetry(ExponentialBackoff(cap=2.0, base=0.05), reconnect_attempts),
             retry_on_error=list(REDIS_OUTAGE_ERRORS),
         )
         return cls(client, prefix=prefix)
@@ -293,7 +249,9 @@ class CheckpointStore:
     @classmethod
     def from_settings(cls, settings: Any, *, reconnect_attempts: int | None = None, timeout: float | None = None) -> CheckpointStore:
         """The store the settings name (``UPLOADER_CHECKPOINT_URL`` or the broker's, the key prefix,
-        the Sentinel primary)."""
+        the Sentinel primary, TLS)."""
+        from uploader.redis_tls import tls_options
+
         return cls.from_url(
             settings.effective_checkpoint_url,
             prefix=settings.key_prefix,
@@ -301,6 +259,7 @@ class CheckpointStore:
             timeout=timeout,
             sentinel_master=settings.redis_sentinel_master,
             sentinel_password=settings.redis_sentinel_password_value,
+            tls=tls_options(settings),
         )
 
     # -- keys ---------------------------------------------------------------------------------
@@ -314,8 +273,29 @@ class CheckpointStore:
     def index_key(self) -> str:
         return f"{self.prefix}:uploads"
 
+    @property
+    def active_key(self) -> str:
+        """Sorted set of the uploads recovery must watch (creating, uploading, completing, or
+        failed with an automatic resume to come), scored by creation time: kept in step with the
+        records by the transition scripts themselves (``track_attention`` in ``lua/_shared.lua``)."""
+        return f"{self.prefix}:active"
+
+    @property
+    def settled_key(self) -> str:
+        """Sorted set of uploads that settled (completed, cancelled, failed for good, forgotten)
+        with Celery chords on record whose keys the recovery leader has yet to delete."""
+        return f"{self.prefix}:settled"
+
+    def chords_key(self, upload_id: str) -> str:
+        """The group ids of the Celery chords dispatched for an upload (see :meth:`note_chord`)."""
+        return f"{self.record_key(upload_id)}:chords"
+
     def refusal_key(self, upload_id: str) -> str:
         return f"{self.prefix}:refused:{upload_id}"
+
+    def rate_key(self, upload_id: str) -> str:
+        """The upload's fleet-wide token bucket (uploader/limits/bucket.lua), while it is used."""
+        return f"{self.prefix}:rate:{upload_id}"
 
     def inflight_key(self, upload_id: str) -> str:
         return f"{self.prefix}:upload:{upload_id}:inflight"
@@ -331,10 +311,38 @@ class CheckpointStore:
     def _keys(self, upload_id: str) -> list[str]:
         return [self.record_key(upload_id), self.parts_key(upload_id), self.inflight_key(upload_id)]
 
+    @property
+    def outbox_key(self) -> str:
+        """Sorted set of the notification events to deliver, scored by when each is due; each
+        event's hash is ``<outbox_key>:<event id>`` (see :mod:`uploader.notify`)."""
+        return f"{self.prefix}:outbox"
+
+    def event_key(self, event_id: str) -> str:
+        return f"{self.outbox_key}:{event_id}"
+
+    def _attention_keys(self) -> list[str]:
+        """The keys ``track_attention`` (``lua/_shared.lua``) needs after a transition's own."""
+        return [self.active_key, self.settled_key]
+
     # -- reads --------------------------------------------------------------------------------
+    def _hash(self, key: str) -> dict[str, str]:
+        """The hash at ``key``, as text (the client decodes responses: redis-py's types do not
+        follow ``decode_responses``, hence the casts here and below)."""
+        return cast("dict[str, str]", self.redis.hgetall(key))
+
     def get(self, upload_id: str) -> UploadRecord | None:
-        raw = self.redis.hgetall(self.record_key(upload_id))
+        raw = self._hash(self.record_key(upload_id))
         return UploadRecord.from_hash(upload_id, raw) if raw else None
+
+    def get_many(self, upload_ids: list[str]) -> list[UploadRecord | None]:
+        """The records of ``upload_ids`` (``None`` where there is none), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for upload_id in upload_ids:
+            pipe.hgetall(self.record_key(upload_id))
+        return [
+            UploadRecord.from_hash(upload_id, raw) if raw else None
+            for upload_id, raw in zip(upload_ids, pipe.execute(), strict=True)
+        ]
 
     def get_with_recovery(self, upload_id: str) -> tuple[UploadRecord | None, RecoveryState]:
         """The record and the fleet's recovery state, in one round trip (what ``status`` shows)."""
@@ -350,7 +358,9 @@ class CheckpointStore:
         out = {}
         for number, value in raw.items():
             data = json.loads(value)
-            out[int(number)] = UploadedPart(etag=data["etag"], checksum=data["checksum"])
+            out[int(number)] = UploadedPart(
+                etag=data["etag"], checksum=data["checksum"], crc64ecma=data.get("crc64ecma", "")
+            )
         return out
 
     def missing_parts(self, upload_id: str, part_count: int, *, now: float | None = None) -> tuple[list[int], list[int]]:
@@ -370,7 +380,7 @@ class CheckpointStore:
 
     def leases(self, upload_id: str) -> dict[int, Lease]:
         """The in-flight part leases of an upload, holding or not, by part number."""
-        return {int(n): Lease.parse(v) for n, v in self.redis.hgetall(self.inflight_key(upload_id)).items()}
+        return {int(n): Lease.parse(v) for n, v in self._hash(self.inflight_key(upload_id)).items()}
 
     def live_owners(self, owners: set[str]) -> set[str]:
         """The lease holders in ``owners`` whose heartbeat has not expired."""
@@ -381,7 +391,7 @@ class CheckpointStore:
         pipe = self.redis.pipeline(transaction=False)
         for owner in ordered:
             pipe.exists(self.worker_key(owner))
-        return {owner for owner, alive in zip(ordered, pipe.execute()) if alive}
+        return {owner for owner, alive in zip(ordered, pipe.execute(), strict=True) if alive}
 
     def heartbeat(self, holder: str, ttl: int, *, worker: bool = False) -> None:
         """Declare ``holder`` alive for ``ttl`` seconds (its part leases keep holding). A
@@ -405,7 +415,7 @@ class CheckpointStore:
     def live_workers(self, *, now: float | None = None) -> list[str]:
         """The worker incarnations whose heartbeat is alive now."""
         now = time.time() if now is None else now
-        return list(self.redis.zrangebyscore(self.workers_key, now, "+inf"))
+        return cast("list[str]", self.redis.zrangebyscore(self.workers_key, now, "+inf"))
 
     # -- recovery (see uploader.maintenance) ---------------------------------------------------
     @property
@@ -414,7 +424,7 @@ class CheckpointStore:
 
     def recovery(self) -> RecoveryState:
         """When the fleet's recovery (reconciler, janitor) last ran, and on which worker."""
-        return RecoveryState.from_hash(self.redis.hgetall(self.recovery_key))
+        return RecoveryState.from_hash(self._hash(self.recovery_key))
 
     def note_recovery(self, **fields: str | float | int) -> None:
         self.redis.hset(self.recovery_key, mapping={k: str(v) for k, v in fields.items()})
@@ -432,28 +442,31 @@ class CheckpointStore:
         self._run("resign_leadership", [self.leader_key(role)], [holder])
 
     def leader(self, role: str) -> str | None:
-        return self.redis.get(self.leader_key(role))
+        return cast("str | None", self.redis.get(self.leader_key(role)))
 
     def list_ids(self, limit: int = 100) -> list[str]:
         """Most recent upload ids first; ids whose checkpoint expired are pruned from the index."""
-        ids = self.redis.zrevrange(self.index_key, 0, limit - 1)
+        ids = cast("list[str]", self.redis.zrevrange(self.index_key, 0, limit - 1))
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for upload_id in ids:
             pipe.exists(self.record_key(upload_id))
         alive = pipe.execute()
-        gone = [i for i, ok in zip(ids, alive) if not ok]
+        gone = [i for i, ok in zip(ids, alive, strict=True) if not ok]
         if gone:
-            self.redis.zrem(self.index_key, *gone)
-        return [i for i, ok in zip(ids, alive) if ok]
+            try:
+                self.redis.zrem(self.index_key, *gone)
+            except redis.exceptions.NoPermissionError:
+                pass  # a client's Redis user reads the index only (deploy/redis/users.acl); workers prune it too
+        return [i for i, ok in zip(ids, alive, strict=True) if ok]
 
     # -- transitions --------------------------------------------------------------------------
     def claim(self, upload_id: str, fields: dict[str, Any]) -> tuple[bool, str]:
         """Create the record in ``creating``. Returns ``(True, "creating")`` when this call created
         it, else ``(False, existing_state)``."""
         created, result = self._claim(upload_id, fields, "", 0)
-        return (True, "creating") if created else (False, result)
+        return (True, UploadState.CREATING) if created else (False, result)
 
     def claim_single(
         self, upload_id: str, fields: dict[str, Any], token: str, lease_seconds: float
@@ -464,17 +477,35 @@ class CheckpointStore:
         sends the object and marks it completed with ``token``), else ``(False, existing_state)``."""
         return self._claim(upload_id, fields, token, lease_seconds)
 
-    def _claim(self, upload_id: str, fields: dict[str, Any], token: str, lease_seconds: float) -> tuple[bool, Any]:
+    def claim_queued(self, claims: list[tuple[str, dict[str, Any]]]) -> list[bool]:
+        """Create single-PUT upload records (``fields["mode"] == "single"``) already ``uploading``,
+        each to be sent by a ``put_objects`` task that takes its completion lease: as if claimed
+        and attached, for every upload in one round trip. Returns, per upload in order, whether
+        this call created it (False: a record existed, left as it was)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for upload_id, fields in claims:
+            self._claim_call(upload_id, {**fields, "state": UploadState.UPLOADING.value, "mpu_id": ""}, "", 0, pipe)
+        return [answer[0] == "created" for answer in pipe.execute()]
+
+    def _claim_call(self, upload_id: str, fields: dict[str, Any], token: str, lease_seconds: float, client: Any = None) -> Any:
         args: list[Any] = [upload_id, time.time(), token, lease_seconds]
         for name, value in fields.items():
             args += [name, _encode(value)]
-        result = self._run("claim_upload", [self.record_key(upload_id), self.index_key, self.refusal_key(upload_id)], args)
+        return self._run(
+            "claim_upload",
+            [self.record_key(upload_id), self.index_key, self.refusal_key(upload_id), *self._attention_keys()],
+            args,
+            client,
+        )
+
+    def _claim(self, upload_id: str, fields: dict[str, Any], token: str, lease_seconds: float) -> tuple[bool, Any]:
+        result = self._claim_call(upload_id, fields, token, lease_seconds)
         if result[0] != "created":
             return False, result[1]
         if not token:
-            return True, "creating"
+            return True, UploadState.CREATING
         flat = result[1]
-        return True, UploadRecord.from_hash(upload_id, dict(zip(flat[::2], flat[1::2])))
+        return True, UploadRecord.from_hash(upload_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def refuse(self, upload_id: str, reason: str, keep_seconds: int, kind: str = "UploadRefused") -> bool:
         """Note why a request for ``upload_id`` was refused before anything was created (kept
@@ -486,7 +517,11 @@ class CheckpointStore:
         ))
 
     def refusal(self, upload_id: str) -> Refusal | None:
-        raw = self.redis.hgetall(self.refusal_key(upload_id))
+        return self.refusal_at(self.refusal_key(upload_id))
+
+    def refusal_at(self, key: str) -> Refusal | None:
+        """The refusal noted at ``key`` (an upload's, or a batch's: uploader/checkpoint/batches.py)."""
+        raw = self._hash(key)
         if not raw:
             return None
         return Refusal(raw.get("reason", ""), float(raw.get("at") or 0), raw.get("kind") or "UploadRefused")
@@ -495,7 +530,9 @@ class CheckpointStore:
         return self._run("attach_multipart", [self.record_key(upload_id)], [mpu_id, time.time()])
 
     def discard(self, upload_id: str) -> str:
-        return self._run("discard_upload", [*self._keys(upload_id), self.index_key], [upload_id])
+        return self._run(
+            "discard_upload", [*self._keys(upload_id), self.index_key, *self._attention_keys()], [upload_id, time.time()]
+        )
 
     def begin_part(
         self,
@@ -506,15 +543,23 @@ class CheckpointStore:
         *,
         time_limit: PartTimeLimit = DEFAULT_PART_TIME_LIMIT,
         now: float | None = None,
-    ) -> tuple[str, PartJob | str]:
-        """``("send", job)``, ``("recorded", "")``, ``("stale", "")``, ``("leased", "")`` or
-        ``("inactive", state)``. ``owner`` is ``"<holder>|<task id>"``, the holder a worker
+    ) -> tuple[PartStart, PartJob | str]:
+        """``("send", job)``, ``("recorded", "")``, ``("stale", "")``, ``("leased", "")``,
+        ``("limited", "<live leases>")`` (the upload's ``max_concurrency`` is reached: nothing
+        taken; come back later) or ``("inactive", state)`` (a :class:`PartStart` first). ``owner`` is :func:`part_lease_owner`'s, the holder a worker
         incarnation (see :mod:`uploader.checkpoint.heartbeat`).
 
         The lease taken holds while the holder's heartbeat lives, and at most for the part's
         ``time_limit`` (a hung task's part is taken back by :meth:`reclaim_parts`).
         A part number outside the current plan (the script's ``unplanned``) answers ``stale``:
-        the message does not belong to this plan, and the caller skips it."""
+        the message does not belong to this plan, and the caller skips it.
+
+        The same ``owner`` calling again while its lease holds gets the lease again (a replayed
+        script call must: see :func:`part_lease_owner`, which gives every execution of a part
+        task its own owner so that a duplicate delivery is ``leased``). A release of this part
+        that :meth:`release_part_or_later` postponed is made first: a task retried after it
+        gave the part up must not find its own old lease in the way."""
+        self._release_pending_of(upload_id, part_number)
         now = time.time() if now is None else now
         result = self._run(
             "begin_part",
@@ -522,13 +567,18 @@ class CheckpointStore:
             [part_number, generation, owner, self.worker_key(""), time_limit.base_seconds, now,
              time_limit.min_bytes_per_second],
         )
-        if result[0] == "unplanned":
-            return "stale", ""
-        if result[0] != "send":
-            return result[0], (result[1] if len(result) > 1 else "")
-        mpu_id, source, bucket, key, size, mtime_ns, offset, length = result[1:]
-        return "send", PartJob(
-            upload_id, part_number, mpu_id, source, bucket, key, int(size), int(mtime_ns), int(offset), int(length)
+        verdict = PartStart(result[0])
+        if verdict is PartStart.UNPLANNED:
+            return PartStart.STALE, ""
+        if verdict is not PartStart.SEND:
+            return verdict, (result[1] if len(result) > 1 else "")
+        mpu_id, source, bucket, key, size, mtime_ns, offset, length, file_id = result[1:10]
+        endpoint, algorithm, options, max_bandwidth, credentials, source_endpoint = (list(result[10:16]) + [""] * 6)[:6]
+        return PartStart.SEND, PartJob(
+            upload_id, part_number, mpu_id, source, bucket, key, int(size), int(mtime_ns), int(offset), int(length),
+            file_id or "", endpoint or "", algorithm or "",
+            ObjectOptions.from_record({"options": options}) if options else ObjectOptions(),
+            int(max_bandwidth or 0), credentials or "", source_endpoint or "",
         )
 
     def reclaim_parts(self, upload_id: str, *, now: float | None = None) -> tuple[int, list[int]]:
@@ -557,6 +607,15 @@ class CheckpointStore:
             with self._unreleased_lock:
                 self._unreleased.add((upload_id, part_number, owner))
 
+    def _release_pending_of(self, upload_id: str, part_number: int) -> None:
+        """Make the postponed releases (:meth:`release_part_or_later`) of this part now."""
+        with self._unreleased_lock:
+            pending = [entry for entry in self._unreleased if entry[:2] == (upload_id, part_number)]
+        for entry in pending:
+            self.release_part(*entry)
+            with self._unreleased_lock:
+                self._unreleased.discard(entry)
+
     def release_pending(self) -> int:
         """Release the leases :meth:`release_part_or_later` could not; how many it released
         (a release only deletes a lease its owner still holds, so a late one is harmless).
@@ -576,18 +635,44 @@ class CheckpointStore:
     def record_part(self, upload_id: str, mpu_id: str, part_number: int, part: UploadedPart, size: int) -> str:
         """``recorded``, ``last``, ``duplicate``, ``fenced``, ``inactive:<state>``, or ``stale``
         for a part number outside the current plan (the script's ``unplanned``: not recorded)."""
-        value = json.dumps({"etag": part.etag, "checksum": part.checksum, "size": size}, separators=(",", ":"))
+        fields: dict[str, Any] = {"etag": part.etag, "checksum": part.checksum, "size": size}
+        if part.crc64ecma:  # only where the profile reports it (OSS)
+            fields["crc64ecma"] = part.crc64ecma
+        value = json.dumps(fields, separators=(",", ":"))
         result = self._run("record_part", self._keys(upload_id), [mpu_id, part_number, value, size, time.time()])
         return "stale" if result == "unplanned" else result
 
     def begin_completion(self, upload_id: str, token: str, lease_seconds: int) -> str:
         return self._run("begin_completion", self._keys(upload_id), [token, time.time(), lease_seconds])
 
+    def begin_completions(self, uploads: list[tuple[str, str]], lease_seconds: int) -> list[str]:
+        """``begin_completion`` of each ``(upload_id, token)``, in one round trip: the answers in order."""
+        pipe = self.redis.pipeline(transaction=False)
+        now = time.time()
+        for upload_id, token in uploads:
+            self._run("begin_completion", self._keys(upload_id), [token, now, lease_seconds], pipe)
+        return [str(answer) for answer in pipe.execute()]
+
     def mark_completed(self, upload_id: str, token: str, retention: int, fields: dict[str, Any]) -> str:
+        return self._mark_completed_call(upload_id, token, retention, fields)
+
+    def mark_many_completed(self, completions: list[tuple[str, str, dict[str, Any]]], retention: int) -> list[str]:
+        """``mark_completed`` of each ``(upload_id, token, fields)``, in one round trip; the
+        answers in order."""
+        pipe = self.redis.pipeline(transaction=False)
+        for upload_id, token, fields in completions:
+            self._mark_completed_call(upload_id, token, retention, fields, pipe)
+        return [str(answer) for answer in pipe.execute()]
+
+    def _mark_completed_call(
+        self, upload_id: str, token: str, retention: int, fields: dict[str, Any], client: Any = None
+    ) -> Any:
         args: list[Any] = [token, time.time(), retention]
         for name, value in fields.items():
             args += [name, _encode(value)]
-        return self._run("mark_completed", self._keys(upload_id), args)
+        return self._run(
+            "mark_completed", [*self._keys(upload_id), *self._attention_keys(), self.outbox_key], args, client
+        )
 
     def mark_failed(
         self, upload_id: str, reason: str, generation: int = 0, *, auto_resumes: int = 0, backoff: int = 30
@@ -599,36 +684,44 @@ class CheckpointStore:
         time up to :data:`AUTO_RESUME_MAX_WAIT` (see ``retry_at`` in the record)."""
         return self._run(
             "mark_failed",
-            [self.record_key(upload_id)],
+            [self.record_key(upload_id), *self._attention_keys(), self.outbox_key],
             [reason[:MAX_ERROR_CHARS], time.time(), generation, auto_resumes, backoff, AUTO_RESUME_MAX_WAIT],
         )
 
     def note_error(self, upload_id: str, message: str) -> bool:
         """Record ``message`` as the upload's error (no state change); a failed upload is then
         not resumed automatically any more. False if the record is gone."""
-        return bool(self._run("note_error", [self.record_key(upload_id)], [message[:MAX_ERROR_CHARS], time.time()]))
+        return bool(self._run(
+            "note_error", [self.record_key(upload_id), *self._attention_keys(), self.outbox_key],
+            [message[:MAX_ERROR_CHARS], time.time()],
+        ))
 
     def claim_auto_resume(self, upload_id: str, limit: int, backoff: int, *, now: float | None = None) -> int:
         """Claim the automatic resume that is due for a transiently failed upload: its number
         (1, 2, ...), or 0 if none is due. At most one caller wins each."""
         now = time.time() if now is None else now
         return int(
-            self._run("claim_auto_resume", [self.record_key(upload_id)], [now, limit, backoff, AUTO_RESUME_MAX_WAIT])
+            self._run(
+                "claim_auto_resume", [self.record_key(upload_id), *self._attention_keys(), self.outbox_key],
+                [now, limit, backoff, AUTO_RESUME_MAX_WAIT],
+            )
         )
 
     def cancel(self, upload_id: str, retention: int) -> str:
-        return self._run("cancel_upload", self._keys(upload_id), [time.time(), retention])
+        return self._run(
+            "cancel_upload", [*self._keys(upload_id), *self._attention_keys(), self.outbox_key], [time.time(), retention]
+        )
 
     def reopen(self, upload_id: str, mpu_id: str) -> int | str:
         """The new dispatch generation, or the state (or ``"fenced"``) that forbade reopening."""
-        return self._run("reopen_upload", [self.record_key(upload_id)], [mpu_id, time.time()])
+        return self._run("reopen_upload", [self.record_key(upload_id), *self._attention_keys()], [mpu_id, time.time()])
 
     def restart(self, upload_id: str, old_mpu_id: str, new_mpu_id: str, fields: dict[str, Any]) -> int | str:
         """The new dispatch generation, or the state (or ``"fenced"``) that forbade restarting."""
         args: list[Any] = [old_mpu_id, new_mpu_id, time.time()]
         for name, value in fields.items():
             args += [name, _encode(value)]
-        return self._run("restart_upload", self._keys(upload_id), args)
+        return self._run("restart_upload", [*self._keys(upload_id), *self._attention_keys()], args)
 
     def forget_parts(self, upload_id: str, mpu_id: str, part_numbers: list[int]) -> int:
         """The number of parts forgotten; -1 when ``mpu_id`` is not the current attempt's, -2 when
@@ -636,6 +729,56 @@ class CheckpointStore:
         if not part_numbers:
             return 0
         return int(self._run("forget_parts", self._keys(upload_id), [mpu_id, *part_numbers]))
+
+    def forget(self, upload_id: str) -> None:
+        """Delete an upload's record, parts and leases, and take it out of the indexes (the
+        janitor's last step for an abandoned upload)."""
+        self._run(
+            "forget_upload", [*self._keys(upload_id), self.index_key, *self._attention_keys()], [upload_id, time.time()]
+        )
+
+    # -- recovery's attention index and the chords of settled uploads ---------------------------
+    def active_ids(self) -> list[str]:
+        """The uploads recovery must watch (the attention index), oldest first."""
+        return cast("list[str]", self.redis.zrange(self.active_key, 0, -1))
+
+    def index_uploads(self, upload_ids: list[str]) -> int:
+        """Put these uploads in the attention index or take them out, as their records say (a
+        migration of records written before the index existed, or a repair); returns how many of
+        them need attention."""
+        if not upload_ids:
+            return 0
+        return int(self._run(
+            "index_uploads", [*self._attention_keys(), *map(self.record_key, upload_ids)], [time.time()]
+        ))
+
+    def note_chord(self, upload_id: str, group_id: str, keep_seconds: int) -> None:
+        """Note a Celery chord dispatched for ``upload_id`` (before its first message goes out),
+        so that its keys in the result backend are deleted once the upload settles; the note
+        lasts ``keep_seconds`` at most."""
+        self._run("note_chord", [self.record_key(upload_id), *self._attention_keys()], [group_id, keep_seconds, time.time()])
+
+    @property
+    def lane_holds_key(self) -> str:
+        """The part lanes chosen moments ago by a dispatch (see :meth:`claim_lane`)."""
+        return f"{self.prefix}:lanes"
+
+    def claim_lane(self, queued: Sequence[int], hold_seconds: float) -> int:
+        """Choose the part lane of a dispatch, given the messages ``queued`` in each lane (in
+        lane order), and hold it for ``hold_seconds``: the first free lane (nothing queued, not
+        held), else the one with the fewest queued messages, and of those the one held longest
+        ago. Atomic: dispatches racing each other get different lanes, as long as there are lanes."""
+        return int(self._run("claim_lane", [self.lane_holds_key], [time.time(), hold_seconds, *queued]))
+
+    def take_settled(self, limit: int) -> list[tuple[str, list[str]]]:
+        """Up to ``limit`` settled uploads with the group ids of their chords, oldest first;
+        call :meth:`release_chords` once those chords' keys are deleted."""
+        flat = self._run("take_settled", [self.settled_key, self.active_key], [limit, self.record_key("")])
+        return [(flat[i], flat[i + 1].split()) for i in range(0, len(flat), 2)]
+
+    def release_chords(self, upload_id: str, group_ids: list[str]) -> None:
+        """The keys of these chords are gone from the result backend: forget them."""
+        self._run("release_chords", [self.chords_key(upload_id), self.settled_key], [upload_id, *group_ids])
 
     def try_lock(self, upload_id: str, name: str, token: str, seconds: int) -> bool:
         """A short advisory lock (e.g. one dispatcher at a time per upload)."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import redis
 
+from workers.command import worker_argv
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -87,6 +89,10 @@ class _Process:
         self._log.close()
 
 
+#: Databases of a local redis-server: the test suite gives each isolated stack one of its own.
+DATABASES = 256
+
+
 class RedisServer(_Process):
     """``redis-server`` on a free loopback port, with the settings Celery needs (noeviction).
     ``replica_of``: the port of a primary on loopback to replicate."""
@@ -100,7 +106,7 @@ class RedisServer(_Process):
         argv = [
             binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction", "--databases", "64", "--dir", str(workdir), "--daemonize", "no",
+            "--maxmemory-policy", "noeviction", "--databases", str(DATABASES), "--dir", str(workdir), "--daemonize", "no",
         ]
         if replica_of is not None:
             # Its own files (the primary's are in the same directory), and its own name for them.
@@ -223,14 +229,19 @@ class Worker(_Process):
 
     def __init__(
         self, workdir: Path, env: dict[str, str], *, name: str = "worker", concurrency: int = 8, pool: str = "threads",
-        default_name: bool = False,
+        default_name: bool = False, queues: str | None = None, loglevel: str = "INFO",
     ):
+        """``queues``: the queues to consume, comma-separated (default both)."""
         if default_name:
             self.name = f"celery@{socket.gethostname()}"
             argv = [str(Path(sys.executable).parent / "uploader"), "worker", "-c", str(concurrency), "--pool", pool]
         else:
             self.name = f"{name}-{free_port()}@localhost"
-            argv = worker_argv(concurrency=concurrency, hostname=self.name, loglevel="INFO", pool=pool)
+            lanes = env.get("UPLOADER_PART_LANES") or os.environ.get("UPLOADER_PART_LANES")
+            argv = worker_argv(concurrency=concurrency, hostname=self.name, loglevel=loglevel, pool=pool,
+                               lanes=int(lanes) if lanes else None)
+        if queues is not None:
+            argv[argv.index("-Q") + 1] = queues
         env = {**os.environ, **env, "UPLOADER_WORKER_POOL": pool}
         super().__init__(argv, workdir / f"{name}-{int(time.time() * 1000)}.log", env=env)
         wait_until(self._ready, 60, f"celery worker {self.name}", interval=0.1)
@@ -239,20 +250,6 @@ class Worker(_Process):
         if not self.alive():
             raise RuntimeError(f"worker exited: {self.log_text()[-3000:]}")
         return " ready." in self.log_text()
-
-
-def worker_argv(*, concurrency: int, hostname: str | None = None, loglevel: str = "INFO", pool: str = "threads") -> list[str]:
-    """The command line of a worker with the options crash safety and Flower rely on."""
-    from uploader.contract import CONTROL_QUEUE, PARTS_QUEUE
-
-    argv = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "-Q", f"{CONTROL_QUEUE},{PARTS_QUEUE}", "--pool", pool, "--concurrency", str(concurrency),
-        "--prefetch-multiplier", "1", "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle",
-    ]
-    if hostname:
-        argv += ["--hostname", hostname]
-    return argv
 
 
 def scratch_dir(prefix: str = "uploader-") -> Path:

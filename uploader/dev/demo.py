@@ -18,9 +18,10 @@ from botocore.config import Config
 from rich.console import Console
 from rich.table import Table
 
+from uploader.auth import new_fleet_key
 from uploader.client import Uploader
 from uploader.config import Settings, get_settings, redact_url
-from uploader.localstack import RedisServer, SeaweedS3, Worker, object_sha256, redis_answers, scratch_dir, write_random_file
+from uploader.dev.localstack import RedisServer, SeaweedS3, Worker, object_sha256, redis_answers, scratch_dir, write_random_file
 from uploader.planner import format_size
 from uploader.progress import show_progress
 
@@ -54,6 +55,8 @@ def run_demo(*, size: int, part_size: int, workers: int, concurrency: int) -> in
             "UPLOADER_KEY_PREFIX": prefix,
             "UPLOADER_S3_ENDPOINT_URL": s3.endpoint_url,
             "UPLOADER_SOURCE_ROOTS": str(workdir),
+            # This demo's own fleet: a key made for it (the client below holds none).
+            "UPLOADER_FLEET_KEY": new_fleet_key(),
             "UPLOADER_WORKER_CONCURRENCY": str(concurrency),
             # SeaweedFS in this mode accepts any credentials; real deployments use boto3's chain.
             "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "demo"),
