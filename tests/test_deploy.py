@@ -31,6 +31,7 @@ from kubernetes_validate.utils import latest_version
 
 from uploader import contract
 from uploader.config import Settings
+from uploader.locality import HOST_QUEUE_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -489,7 +490,9 @@ def test_every_queue_named_is_a_contract_queue() -> None:
     for name, text in deploy_texts():
         # Dotted uploader names: queues, task names or modules of the package; nothing else.
         for dotted in re.findall(r"(?<![\w.-])uploader\.[a-z_]+(?:\.[a-z_]+)*", text):
-            known = dotted in QUEUES or dotted in TASK_NAMES or is_module(dotted)
+            # (A host's own queue, "uploader.host.<host>", is named by its pattern.)
+            host_queue = (dotted + ".").startswith(HOST_QUEUE_PREFIX)
+            known = dotted in QUEUES or dotted in TASK_NAMES or is_module(dotted) or host_queue
             assert known, f"{name}: {dotted} is no queue, task or module of the uploader"
         # Explicit queue selections on a command line.
         for option in re.findall(r"(?:-Q|--queues)[ =\"',\[]+([\w.,]+)", text):

@@ -238,6 +238,10 @@ def test_a_client_user_submits_watches_and_waits_for_what_a_worker_user_complete
         other = client.submit(str(big), f"s3://{bucket}/other", part_size=5 * MiB, priority=3)
         other.accepted(60)
         assert client.cancel(other.upload_id) in ("cancelled", "completed")
+        # A host-local upload (uploader/locality.py): the client checks the host's liveness
+        # (uploader:hosts) and sends to the host's queue ("uploader.host.<host>").
+        local = client.submit(str(big), f"s3://{bucket}/local", part_size=5 * MiB, locality="host")
+        assert client.wait(local.upload_id, timeout=120).state == "completed"
         # A directory batch: submitted, waited for and shown by the client user (uploader:batch:*).
         directory = sources_root / f"acl-batch-{os.getpid()}-{time.monotonic_ns()}"
         (directory / "sub").mkdir(parents=True)
@@ -266,6 +270,8 @@ ATTACKS = {
     "delete a checkpoint record": ("DEL", "uploader:upload:victim"),
     "drop an upload from the index": ("ZREM", "uploader:uploads", "victim"),
     "fake a worker heartbeat": ("SET", "uploader:worker:fake", "1"),
+    "fake a live host": ("ZADD", "uploader:hosts", "99999999999", "elsewhere"),
+    "steal a host's message": ("RPOP", "uploader.host.elsewhere"),
     "take the recovery lease": ("SET", "uploader:leader:recovery", "me"),
     "delete a queue": ("DEL", CONTROL_QUEUE),
     "read the control queue": ("LRANGE", CONTROL_QUEUE, "0", "-1"),

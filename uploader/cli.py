@@ -29,6 +29,7 @@ from uploader.errors import (
     InvalidRequest,
     Misconfigured,
     NotAuthorized,
+    NoWorkerOnHost,
     NoWorkers,
     SourceChanged,
     SourceError,
@@ -77,6 +78,7 @@ _EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (UploadNotFound, ExitCode.NOT_FOUND),
     (Unreachable, ExitCode.UNAVAILABLE),
     (NoWorkers, ExitCode.UNAVAILABLE),
+    (NoWorkerOnHost, ExitCode.UNAVAILABLE),
     (TransientStoreError, ExitCode.UNAVAILABLE),  # S3 kept failing (unreachable, throttling)
     (InvalidRequest, ExitCode.REFUSED),
     (UploadRefused, ExitCode.REFUSED),
@@ -282,6 +284,10 @@ def main(log_level: str) -> None:
     "--priority", type=click.IntRange(0, 9),
     help="How urgent this upload is, 0-9, 9 the most urgent (default: none, the broker's default).",
 )
+@click.option(
+    "--local", "locality", flag_value="host", default=None,
+    help="SOURCE is on this machine's own disk: only the workers on this host (UPLOADER_HOST_NAME) read it.",
+)
 @click.option("--recursive", "-r", is_flag=True, help="SOURCE is a directory: upload each of its files (a batch) under DESTINATION as a prefix.")
 @click.option("--include", multiple=True, metavar="GLOB", help="With -r: only files whose relative path matches (repeatable; '*' matches '/' too).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="With -r: leave out files whose relative path matches (repeatable).")
@@ -315,6 +321,8 @@ def submit(
     if source.endswith("/") or os.path.isdir(source):
         raise InvalidRequest(f"source {source!r} is a directory: add -r (--recursive) to upload its files")
     up = _uploader()
+    if options.get("locality") and not os.path.isabs(source):
+        source = os.path.abspath(source)  # a path on this machine: from here
     # (`is`, not `in (None, False)`: 0 == False, and `--part-size 0` must reach validation.)
     handle = up.submit(source, destination, **{k: v for k, v in options.items() if v is not None and v is not False})
     click.echo(handle.upload_id)
@@ -448,6 +456,8 @@ def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
         rows.append(("limits", limits))
     if st.priority is not None:
         rows.append(("priority", f"{st.priority} (0-9, 9 most urgent)"))
+    if st.host:
+        rows.append(("host", f"{st.host} (a host-local file: only that host's workers read it)"))
     if st.final_etag:
         rows.append(("etag", f"{st.final_etag} (verified: {st.verified})"))
     result = st.result

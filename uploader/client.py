@@ -19,7 +19,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from uploader import auth, contract, signing
+from uploader import auth, contract, locality, signing
 from uploader.auth import Capability
 from uploader.capabilities import CapabilityStore
 from uploader.checkpoint import CheckpointStore, UploadRecord
@@ -29,6 +29,7 @@ from uploader.config import Settings, get_settings, redact_url
 from uploader.errors import (
     InvalidRequest,
     NotAuthorized,
+    NoWorkerOnHost,
     NoWorkers,
     Unreachable,
     UploadCancelled,
@@ -207,11 +208,16 @@ class Uploader:
         :meth:`UploadHandle.accepted` or :meth:`UploadHandle.wait`.
         """
         kwargs, capability, wanted = self._start_kwargs(source, destination, options)
+        host = kwargs.get("host", "")
+        if host:
+            self.check_host(host)
         # Before the message: an upload must never exist whose token was not kept.
         self.capabilities.save(kwargs["upload_id"], capability.token)
         with self.reaching():
             result = self.celery.send_task(
-                contract.START_UPLOAD, kwargs=kwargs, priority=message_priority(wanted, self.settings.broker_url)
+                contract.START_UPLOAD, kwargs=kwargs, priority=message_priority(wanted, self.settings.broker_url),
+                # A host-local upload starts on its host: only the workers there can read its file.
+                **({"queue": contract.host_queue(host)} if host else {}),
             )
         handle = UploadHandle(self, kwargs["upload_id"], result, token=capability.token)
         if accept_timeout:
@@ -233,35 +239,53 @@ class Uploader:
         refuse is refused alone: its handle's :meth:`~UploadHandle.accepted` and ``wait`` raise
         why; with ``accept_timeout`` this waits for every message to be accepted and raises the
         first refusal."""
-        messages: list[tuple[dict[str, Any], Capability, int | None]] = []
-        for entry in uploads:
+        # Host-local uploads start on their host (uploader/locality.py): one series of messages per host.
+        by_host: dict[str, list[tuple[int, tuple[dict[str, Any], Capability, int | None]]]] = {}
+        count = 0
+        for count, entry in enumerate(uploads, 1):
             source, destination, options = (*entry, {}) if len(entry) == 2 else entry
-            messages.append(self._start_kwargs(source, destination, dict(options)))
-        handles: list[UploadHandle] = []
+            message = self._start_kwargs(source, destination, dict(options))
+            by_host.setdefault(message[0].get("host", ""), []).append((count - 1, message))
+        for host in by_host:
+            if host:
+                self.check_host(host)
+        placed: list[UploadHandle | None] = [None] * count
         step = contract.MAX_UPLOADS_PER_MESSAGE
-        for first in range(0, len(messages), step):
-            chunk = messages[first : first + step]
-            # Before the message: an upload must never exist whose token was not kept.
-            for kwargs, capability, _ in chunk:
-                self.capabilities.save(kwargs["upload_id"], capability.token)
-            wanted = [p for _, _, p in chunk if p is not None]
-            with self.reaching():
-                result = self.celery.send_task(
-                    contract.START_MANY, kwargs={"uploads": [kwargs for kwargs, _, _ in chunk]},
-                    priority=message_priority(max(wanted) if wanted else None, self.settings.broker_url),
-                )
-            handles += [
-                UploadHandle(self, kwargs["upload_id"], result, token=capability.token, index=index)
-                for index, (kwargs, capability, _) in enumerate(chunk)
-            ]
+        for host, messages in by_host.items():
+            where = {"queue": contract.host_queue(host)} if host else {}
+            for first in range(0, len(messages), step):
+                chunk = messages[first : first + step]
+                # Before the message: an upload must never exist whose token was not kept.
+                for _, (kwargs, capability, _) in chunk:
+                    self.capabilities.save(kwargs["upload_id"], capability.token)
+                wanted = [p for _, (_, _, p) in chunk if p is not None]
+                with self.reaching():
+                    result = self.celery.send_task(
+                        contract.START_MANY, kwargs={"uploads": [kwargs for _, (kwargs, _, _) in chunk]},
+                        priority=message_priority(max(wanted) if wanted else None, self.settings.broker_url), **where,
+                    )
+                for index, (at, (kwargs, capability, _)) in enumerate(chunk):
+                    placed[at] = UploadHandle(self, kwargs["upload_id"], result, token=capability.token, index=index)
+        handles = [handle for handle in placed if handle is not None]
         if accept_timeout:
             for handle in handles:
                 handle.accepted(accept_timeout)
         return handles
 
+    def check_host(self, host: str) -> None:
+        """Raise :class:`NoWorkerOnHost` unless a worker of ``host`` is alive (a host-local
+        upload's file can be read nowhere else: uploader/locality.py)."""
+        with self.reaching():
+            alive = self.checkpoint.host_alive(host)
+        if not alive:
+            raise NoWorkerOnHost(locality.no_worker_message(host))
+
     def _start_kwargs(self, source: str, destination: str, options: dict[str, Any]) -> tuple[dict[str, Any], Capability, int | None]:
         """A start request's kwargs (validated here: :class:`InvalidRequest`), its capability
-        (the one kept for its upload id, if it is resubmitted) and its priority."""
+        (the one kept for its upload id, if it is resubmitted) and its priority. A host-local
+        request (``locality="host"``) that names no host is for this one (``UPLOADER_HOST_NAME``)."""
+        if options.get("locality") == locality.Locality.HOST and not options.get("host"):
+            options = {**options, "host": self.settings.host_name}
         bucket, key = parse_s3_url(destination)
         # Submitting an upload id again (an idempotent retry) must carry the same capability.
         kept = self.capabilities.load(options["upload_id"]) if options.get("upload_id") else None
@@ -286,6 +310,8 @@ class Uploader:
         from uploader.batch.request import parse_batch_request
 
         bucket, prefix = parse_s3_url(destination)
+        if options.get("locality") == locality.Locality.HOST and not options.get("host"):
+            options = {**options, "host": self.settings.host_name}
         kept = self.capabilities.load(batch_id) if batch_id else None
         capability = Capability.of(kept) if kept else Capability.new()
         kwargs: dict[str, Any] = {
@@ -299,9 +325,14 @@ class Uploader:
         request = parse_batch_request(kwargs)
         assert request.batch_id is not None
         message = request.model_dump(mode="json", exclude_none=True)
+        host = request.local_host
+        if host:
+            self.check_host(host)
         self.capabilities.save(request.batch_id, capability.token)
         with self.reaching():
-            result = self.celery.send_task(contract.START_BATCH, kwargs=message)
+            result = self.celery.send_task(
+                contract.START_BATCH, kwargs=message, **({"queue": contract.host_queue(host)} if host else {})
+            )
         handle = BatchHandle(self, request.batch_id, result, token=capability.token)
         if accept_timeout:
             handle.accepted(accept_timeout)

@@ -19,6 +19,7 @@ from pydantic import Field, FilePath, SecretStr, field_validator, model_validato
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from uploader import redis_tls
+from uploader.locality import check_host, default_host_name
 from uploader.planner import DEFAULT_PART_SIZE, MiB
 from uploader.storage.endpoints import EndpointSpec, validate_endpoint_names
 from uploader.storage.profiles import ProfileName
@@ -205,6 +206,10 @@ class Settings(BaseSettings):
     #: this many uploads are sent interleaved instead of one after the other (``workers/lanes.py``).
     #: The same on every worker; 1: one queue, first in first out.
     part_lanes: int = Field(8, ge=1, le=64)
+    #: The host this process runs on, for host-local uploads (``--local``, uploader/locality.py):
+    #: a worker reads the queue ``uploader.host.<host_name>``; a client's ``--local`` uploads
+    #: name it. By default the hostname; set it where hostnames are not unique or not stable.
+    host_name: str = Field(default_factory=default_host_name)
     #: Attempts per Redis command during a Redis outage (backoff up to 2 s each; 30: about a
     #: minute) before the task in hand gives up; the reconciler recovers from longer outages.
     redis_reconnect_attempts: int = Field(30, ge=0)
@@ -271,6 +276,11 @@ class Settings(BaseSettings):
     def _endpoint_names(cls, value: dict[str, EndpointSpec]) -> dict[str, EndpointSpec]:
         validate_endpoint_names(list(value))
         return value
+
+    @field_validator("host_name")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        return check_host(value)
 
     @field_validator("source_buckets", mode="before")
     @classmethod

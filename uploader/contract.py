@@ -12,14 +12,15 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from uploader import auth, priority, signing
+from uploader import auth, locality, priority, signing
 from uploader.config import Settings
 from uploader.planner import MAX_PARTS
 from uploader.redis_tls import celery_tls_config
 from uploader.request import valid_upload_id
 
 #: Starts an upload. kwargs: source, bucket, key, [upload_id, part_size, abort_on_failure,
-#: capability, endpoint, source_endpoint, checksum_algorithm, priority, source_credentials, and every object option (uploader.model.ObjectOptions:
+#: capability, endpoint, source_endpoint, checksum_algorithm, priority, source_credentials, locality, host (a
+#: host-local file: uploader/locality.py), and every object option (uploader.model.ObjectOptions:
 #: metadata, content_type, acl, storage_class, tags, sse, no_overwrite, ...)]. Returns the upload id.
 START_UPLOAD = "uploader.start_upload"
 #: Starts up to :data:`MAX_UPLOADS_PER_MESSAGE` uploads at once. kwargs: uploads (a list of objects,
@@ -300,6 +301,15 @@ def task_queues(*, declare: bool = True, max_priority: int = 0, lanes: int = 1) 
         Queue(name, Exchange(name, type="direct"), routing_key=name, no_declare=not declare, queue_arguments=arguments)
         for name in (CONTROL_QUEUE, *part_lanes(lanes))
     )
+
+
+def host_queue(host: str, *, declare: bool = False, max_priority: int = 0) -> Queue:
+    """The queue of host ``host``'s workers (uploader/locality.py), as :func:`task_queues`
+    declares its queues: a worker declares its own host's (``declare``); a sender publishes to
+    any by name."""
+    name = locality.host_queue_name(host)
+    arguments = {"x-max-priority": max_priority} if max_priority else None
+    return Queue(name, Exchange(name, type="direct"), routing_key=name, no_declare=not declare, queue_arguments=arguments)
 
 
 def task_routes() -> dict[str, dict[str, str]]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from uploader import auth
+from uploader import auth, locality
 from uploader.checkpoint import UploadRecord
 from uploader.checksums import ChecksumAlgorithm, ChecksumType
 from uploader.completion import completed_on_server, mark_failed
@@ -23,6 +23,7 @@ from uploader.context import UploaderContext
 from uploader.errors import (
     InvalidRequest,
     NotAuthorized,
+    NoWorkerOnHost,
     PermanentStoreError,
     SourceChanged,
     SourceError,
@@ -31,7 +32,7 @@ from uploader.errors import (
     UploadNotFound,
 )
 from uploader.limits import limit_fields
-from uploader.model import NO_RECORD, DispatchKind, ListedPart, ObjectOptions, UploadedPart, UploadState
+from uploader.model import ACTIVE_STATES, NO_RECORD, DispatchKind, ListedPart, ObjectOptions, UploadedPart, UploadState
 from uploader.planner import PartPlan, plan_parts
 from uploader.request import UploadRequest, parse_request, valid_upload_id
 from uploader.sources import Fingerprint, S3ObjectSource
@@ -59,6 +60,9 @@ class Dispatch:
     #: created, "completing"): the PUT is sent under this token without reading the record again.
     lease: str = ""
     record: UploadRecord | None = field(default=None, compare=False, repr=False)
+    #: A forwarded resume (``forward``): the host whose workers run it, and whether it restarts.
+    host: str = ""
+    restart: bool = False
 
 
 Dispatcher = Callable[[Dispatch], None]
@@ -100,22 +104,25 @@ class PutGroup:
     """Small uploads sent by one ``put_objects`` task: ``(upload_id, generation)`` pairs."""
 
     uploads: tuple[tuple[str, int], ...]
+    #: The host whose workers alone can read these uploads' files ("" : any worker's).
+    host: str = ""
 
 
-def put_groups(uploads: Sequence[tuple[str, int]], generation: int = 1) -> list[PutGroup]:
+def put_groups(uploads: Sequence[tuple[str, int]], generation: int = 1, host: str = "") -> list[PutGroup]:
     """``(upload_id, size)`` pairs cut, in order, into groups of at most :data:`PUT_GROUP_FILES`
-    uploads and :data:`PUT_GROUP_BYTES` bytes, every upload at ``generation``."""
+    uploads and :data:`PUT_GROUP_BYTES` bytes, every upload at ``generation``, all of ``host``
+    (host-local uploads: uploader/locality.py)."""
     groups: list[PutGroup] = []
     current: list[tuple[str, int]] = []
     size = 0
     for upload_id, length in uploads:
         if current and (len(current) >= PUT_GROUP_FILES or size + length > PUT_GROUP_BYTES):
-            groups.append(PutGroup(tuple(current)))
+            groups.append(PutGroup(tuple(current), host))
             current, size = [], 0
         current.append((upload_id, generation))
         size += length
     if current:
-        groups.append(PutGroup(tuple(current)))
+        groups.append(PutGroup(tuple(current), host))
     return groups
 
 
@@ -126,13 +133,25 @@ class Coordinator:
         self.settings = ctx.settings
 
     # -- start ---------------------------------------------------------------------------------
-    def start_message(self, kwargs: dict[str, Any], dispatch: Dispatcher) -> str:
+    def start_message(
+        self, kwargs: dict[str, Any], dispatch: Dispatcher, forward: Callable[[UploadRequest], None] | None = None
+    ) -> str:
         """Handle an ``uploader.start_upload`` message (from any client, in any language): validate
         it and :meth:`start` it. Returns the upload id. A refusal (invalid request, missing
         source or bucket, conflicting upload id) raises the error for the sender and, when the
-        message names a usable upload id, notes the reason under it for ``status``."""
+        message names a usable upload id, notes the reason under it for ``status``.
+
+        A host-local request for another host is handed to ``forward`` (which sends it to that
+        host's queue), provided a worker of that host is alive (else :class:`NoWorkerOnHost`)."""
         request = self._parsed(kwargs)
         assert request.upload_id is not None, "parse_request fills in the upload id"
+        if forward is not None and self.elsewhere(request.local_host):
+            if not self.store.host_alive(request.local_host):
+                refusal = NoWorkerOnHost(locality.no_worker_message(request.local_host))
+                self._refuse(request.upload_id, refusal)
+                raise refusal
+            forward(request)
+            return request.upload_id
         self.start(request, dispatch)
         return request.upload_id
 
@@ -189,16 +208,16 @@ class Coordinator:
             admitted.append((index, request, fields, mode))
         singles = [(i, r, f) for i, r, f, mode in admitted if mode == "single"]
         claimed = self.store.claim_queued([(str(r.upload_id), f) for _, r, f in singles]) if singles else []
-        fresh: list[tuple[str, int]] = []
+        fresh: dict[str, list[tuple[str, int]]] = {}  # by host ("": shared sources)
         for (index, request, fields), created in zip(singles, claimed, strict=True):
             if created:
-                fresh.append((str(request.upload_id), int(fields["size"])))
+                fresh.setdefault(request.local_host, []).append((str(request.upload_id), int(fields["size"])))
                 started[index] = Started(str(request.upload_id))
             else:
                 started[index] = self._start_one(request, self._start_existing, request, fields, dispatch)
-        if fresh:
-            send_groups(put_groups(fresh))
-            log.info("started %d small uploads at once, dispatched in groups", len(fresh))
+        for host, uploads in fresh.items():
+            send_groups(put_groups(uploads, host=host))
+            log.info("started %d small uploads at once, dispatched in groups", len(uploads))
         for index, request, fields, mode in admitted:
             if mode != "single":
                 started[index] = self._start_one(request, self._start_admitted, request, fields, mode, dispatch)
@@ -307,6 +326,11 @@ class Coordinator:
         upload_id = request.upload_id
         assert upload_id is not None, "parse_request fills in the upload id"
         try:
+            if self.elsewhere(request.local_host):
+                raise InvalidRequest(
+                    f"the source is on host {request.local_host}, and this worker is on {self.settings.host_name}: "
+                    f"send the request to the queue {locality.host_queue_name(request.local_host)}"
+                )
             options = self._options(request)
             objects = self.ctx.objects_for(request.endpoint)  # an unknown endpoint: InvalidRequest
             refusal = objects.profile.refusal(request.provider_options(), endpoint=request.endpoint or None)
@@ -343,6 +367,7 @@ class Coordinator:
             **request.oss_callback_fields(),
             **limit_fields(request),
             "priority": request.priority,
+            "host": request.local_host,
             "source_credentials": request.source_credentials or "",
             **self._checksum_fields(ChecksumAlgorithm.MD5.value if copied else request.checksum_algorithm, request.endpoint),
             **self._plan_fields(plan, mode, fingerprint),
@@ -465,6 +490,9 @@ class Coordinator:
                 return Dispatch(upload_id, DispatchKind.NOTHING, reason="already completed")
             if record.state == UploadState.CANCELLED:
                 raise UploadConflict(f"upload {upload_id} was cancelled; submit it again under a new upload id")
+            if self.elsewhere(record.host):
+                # Its source is on another host's disk: only the workers there may look at it.
+                return self._forward(record, dispatch, restart=restart)
             if record.state == UploadState.CREATING:
                 if time.time() - record.created < self.settings.completion_lease_seconds:
                     return Dispatch(upload_id, DispatchKind.NOTHING, reason="being created")
@@ -515,6 +543,24 @@ class Coordinator:
                 log.warning("upload %s: %d recorded parts missing on the server: %s", upload_id, len(lost), lost[:20])
                 self.store.forget_parts(upload_id, record.mpu_id, lost)
             return self._reopen_and_dispatch(record, dispatch)
+
+    def elsewhere(self, host: str) -> bool:
+        """Whether a host-local upload of ``host`` must be handled by another host's workers."""
+        return bool(host) and host != self.settings.host_name
+
+    def _forward(self, record: UploadRecord, dispatch: Dispatcher, *, restart: bool) -> Dispatch:
+        """Send the resume of a host-local upload to its host's workers, or raise
+        :class:`NoWorkerOnHost` if none is alive (noted for ``status`` while the upload waits;
+        a failed upload keeps its own reason, and its automatic resumes)."""
+        if not self.store.host_alive(record.host):
+            message = locality.no_worker_message(record.host)
+            if record.state in ACTIVE_STATES:
+                self.store.note_error(record.upload_id, message)
+            raise NoWorkerOnHost(message)
+        plan = Dispatch(record.upload_id, DispatchKind.FORWARD, reason=f"to host {record.host}", host=record.host, restart=restart)
+        dispatch(plan)
+        log.info("upload %s: resume forwarded to the workers of host %s", record.upload_id, record.host)
+        return plan
 
     def _reopen_and_dispatch(self, record: UploadRecord, dispatch: Dispatcher) -> Dispatch:
         upload_id = record.upload_id

@@ -75,6 +75,11 @@ class NoWorkers(UploaderError):
     """No worker has been alive for a while: nothing will move until one is started."""
 
 
+class NoWorkerOnHost(UploaderError):
+    """A host-local upload's host has no live worker: its file can be read nowhere else
+    (uploader/locality.py)."""
+
+
 class Misconfigured(UploaderError):
     """A setting names something unusable (a missing or invalid key or certificate file); the
     message names the setting and never quotes a secret."""

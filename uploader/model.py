@@ -536,6 +536,9 @@ class DispatchKind(enum.StrEnum):
     SINGLE = "single"
     #: Only the completion.
     COMPLETE = "complete"
+    #: The resume itself, sent to the workers of the upload's host: a host-local upload's source
+    #: is read there only (uploader/locality.py).
+    FORWARD = "forward"
     NOTHING = "nothing"
 
 
@@ -596,6 +599,9 @@ class UploadSummary:
     #: The request's ``priority`` (0-9, 9 most urgent; ``None``: none asked): the upload's part
     #: messages are sent with it (see uploader/priority.py).
     priority: int | None = None
+    #: The host whose workers alone read the source (a host-local upload: uploader/locality.py);
+    #: "" when every worker can.
+    host: str = ""
 
     @property
     def result(self) -> UploadResult | None:
@@ -742,6 +748,7 @@ class UploadRecord(UploadSummary):
             max_bandwidth=num("max_bandwidth"),
             throttled=num("throttled", float, 0.0),
             priority=num("priority", int, None),
+            host=raw.get("host", ""),
             source_credentials=raw.get("source_credentials", ""),
             source_endpoint=raw.get("source_endpoint", ""),
         )

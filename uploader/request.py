@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from uploader import auth
+from uploader import auth, locality
 from uploader.config import CREDENTIAL_NAME_RE
 from uploader.errors import InvalidRequest
 from uploader.logsafe import escape_controls
@@ -225,6 +225,35 @@ class UploadRequest(ObjectOptions):
                 raise ValueError("an S3 source must be s3://bucket/key")
             validate_bucket_name(bucket)
         return self
+
+    #: ``"host"``: the source is a file on one machine's own disk, ``host`` (uploader/locality.py):
+    #: only the workers there read it, each of its parts still sent by any of them. ``"shared"``
+    #: or ``None``: every worker can read the source.
+    locality: Literal["shared", "host"] | None = None
+    host: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else locality.check_host(value)
+
+    @model_validator(mode="after")
+    def _host_local_needs_a_host(self) -> UploadRequest:
+        if self.locality == locality.Locality.HOST.value:
+            if self.host is None:
+                raise ValueError(
+                    "locality 'host' needs host: the name of the machine the file is on (its workers' UPLOADER_HOST_NAME)"
+                )
+            if "://" in self.source:
+                raise ValueError("locality 'host' is for files on a host's disk, not for URLs or S3 objects")
+        elif self.host is not None:
+            raise ValueError("host is for host-local uploads only: give locality 'host' with it")
+        return self
+
+    @property
+    def local_host(self) -> str:
+        """The host whose workers alone may read the source ("" if any worker may)."""
+        return self.host or ""
 
     @field_validator("endpoint", "source_endpoint")
     @classmethod

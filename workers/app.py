@@ -28,7 +28,7 @@ from uploader.auth import FLEET_KEY_MISSING
 from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_process_name
 from uploader.config import get_settings
 from uploader.context import default_context
-from uploader.contract import celery_config
+from uploader.contract import celery_config, host_queue
 from workers import control
 from workers.transport import broker_settings
 
@@ -122,9 +122,15 @@ def refuse_to_start_without_a_fleet_key(**_: Any) -> None:
 
 
 @celeryd_after_setup.connect
-def name_incarnation(sender: str = "", **_: Any) -> None:
-    """Name this start of the worker, before its prefork pool processes fork (they inherit it)."""
+def name_incarnation(sender: str = "", instance: Any = None, **_: Any) -> None:
+    """Name this start of the worker, before its prefork pool processes fork (they inherit it),
+    and have it read its own host's queue too, whatever its ``-Q`` says (host-local uploads:
+    uploader/locality.py)."""
     incarnation.name = incarnation_name(sender)
+    if instance is not None:
+        instance.app.amqp.queues.select_add(
+            host_queue(settings.host_name, declare=True, max_priority=settings.queue_max_priority)
+        )
 
 
 @worker_ready.connect
@@ -137,7 +143,9 @@ def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
 
     name = lease_holder(sender.hostname)
     ctx = default_context()
-    incarnation.heartbeat = Heartbeat(ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True)
+    incarnation.heartbeat = Heartbeat(
+        ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True, host=settings.host_name
+    )
     incarnation.heartbeat.start()
     incarnation.recovery = RecoveryLoop(ctx, name, dispatch, forget_chords)
     incarnation.recovery.start()

@@ -19,7 +19,8 @@ from uploader.checkpoint.store import part_lease_owner
 from uploader.context import default_context
 from uploader.coordinator import Coordinator, Dispatch, PutGroup
 from uploader.errors import TransientStoreError, UploaderError
-from uploader.model import CompletionVerdict, DispatchKind, PartVerdict
+from uploader.model import CompletionVerdict, DispatchKind, PartVerdict, UploadRecord
+from uploader.request import UploadRequest
 from workers import chords, fanout, lanes
 from workers.app import app, lease_holder
 
@@ -50,12 +51,16 @@ def send(task: Any, **kwargs: Any) -> Any:
     return task.apply_async(kwargs=arguments, kwargsrepr=repr(auth.redacted(arguments)), **options)
 
 
-def message_priority(plan: Dispatch) -> int | None:
+def message_priority(record: UploadRecord | None) -> int | None:
     """The broker priority of the upload's part messages: the request's ``priority`` as this
     broker ranks it (uploader/priority.py); ``None`` (the broker's default) if it asked none."""
-    record = plan.record or default_context().checkpoint.get(plan.upload_id)
     wanted = record.priority if record is not None else None
     return priority.message_priority(wanted, app.conf.broker_url or "")
+
+
+def host_queue_of(host: str) -> Any:
+    """The queue of ``host``'s workers (a host-local upload's messages: uploader/locality.py)."""
+    return contract.host_queue(host)  # declared by the workers of that host
 
 
 def dispatch(plan: Dispatch) -> None:
@@ -66,9 +71,14 @@ def dispatch(plan: Dispatch) -> None:
     if plan.kind in (DispatchKind.PARTS, DispatchKind.RESEND):
         # (A part that comes back later, retried or held back by a limit, keeps its message's
         # priority and lane.)
-        part_priority = message_priority(plan)
         ctx = default_context()
-        lane = lanes.choose(app, ctx.checkpoint, ctx.settings.part_lanes)
+        record = plan.record or ctx.checkpoint.get(upload_id)
+        part_priority = message_priority(record)
+        # A host-local upload's parts go to its host's queue (only the workers there can read
+        # them), the others to a lane.
+        lane = host_queue_of(record.host) if record is not None and record.host else lanes.choose(
+            app, ctx.checkpoint, ctx.settings.part_lanes
+        )
     if plan.kind is DispatchKind.PARTS:
         # chord(upload_part x parts, complete_upload), sent in batches on Redis: see workers/fanout.py.
         failed = upload_failed.s(**signed(upload_failed, upload_id=upload_id, generation=generation))
@@ -95,6 +105,9 @@ def dispatch(plan: Dispatch) -> None:
         _put_here_or_enqueue(plan)
     elif plan.kind is DispatchKind.COMPLETE:
         send(complete_upload, upload_id=upload_id, generation=generation)
+    elif plan.kind is DispatchKind.FORWARD:
+        # Signed with the fleet key: whoever asked for this resume was authorized where it arrived.
+        send(resume_upload, upload_id=upload_id, restart=plan.restart, queue=host_queue_of(plan.host))
 
 
 def _put_here_or_enqueue(plan: Dispatch) -> None:
@@ -111,15 +124,19 @@ def _put_here_or_enqueue(plan: Dispatch) -> None:
 
 def _retry_put(upload_id: str, generation: int, token: str, exc: TransientStoreError) -> None:
     """Continue a small upload's PUT that met a transient error as a ``put_object`` task (with
-    its own retries), under ``token``, the completion lease its sender holds."""
+    its own retries), under ``token``, the completion lease its sender holds; a host-local
+    upload's on its host."""
     log.warning("upload %s: PutObject: %s; retrying as a task", upload_id, exc)
-    send(put_object, upload_id=upload_id, generation=generation, task_id=token, countdown=1)
+    record = default_context().checkpoint.get(upload_id)  # (a rare path: one more read is cheap)
+    where = {"queue": host_queue_of(record.host)} if record is not None and record.host else {}
+    send(put_object, upload_id=upload_id, generation=generation, task_id=token, countdown=1, **where)
 
 
 def send_groups(groups: list[PutGroup]) -> None:
     """One ``put_objects`` message per group, storing no result (nothing reads one)."""
     for group in groups:
-        send(put_objects, uploads=[list(pair) for pair in group.uploads], ignore_result=True)
+        where = {"queue": host_queue_of(group.host)} if group.host else {}
+        send(put_objects, uploads=[list(pair) for pair in group.uploads], ignore_result=True, **where)
 
 
 def _retry_or_fail(
@@ -184,10 +201,17 @@ def start_upload(self: Any, **request: Any) -> str:
     # retries, so a retried start continues the same upload instead of claiming another.
     request.setdefault("upload_id", str(self.request.id).replace("-", ""))
     try:
-        return Coordinator(default_context()).start_message(request, dispatch)
+        return Coordinator(default_context()).start_message(request, dispatch, forward=_start_on_host)
     except TransientStoreError as exc:
         _retry_or_fail(self, exc, str(request["upload_id"]), "starting the upload")
         raise
+
+
+def _start_on_host(request: UploadRequest) -> None:
+    """Send a host-local start to its host's workers, as it came (plus its upload id): a public
+    message, not signed with the fleet key."""
+    start_upload.apply_async(kwargs=request.to_message(), queue=host_queue_of(request.local_host))
+    log.info("upload %s: start sent to the workers of host %s", request.upload_id, request.local_host)
 
 
 @app.task(name=contract.START_MANY, bind=True, max_retries=None, throws=EXPECTED)
@@ -283,8 +307,16 @@ def complete_upload(self: Any, upload_id: str, generation: int, proof: str = "")
 def start_batch(self: Any, **request: Any) -> str:
     # As for start_upload: no batch id named, the task's own (stable across redeliveries).
     request.setdefault("batch_id", "b" + str(self.request.id).replace("-", ""))
-    batch_id = Batches(default_context()).start(request)
-    send_batch_page(batch_id, 0)
+    batches = Batches(default_context())
+    parsed = batches.parse(request)
+    assert parsed.batch_id is not None
+    if batches.elsewhere(parsed):
+        # A host-local directory: listed by the workers of its host only (uploader/locality.py).
+        start_batch.apply_async(kwargs=parsed.model_dump(mode="json", exclude_none=True), queue=host_queue_of(parsed.local_host))
+        log.info("batch %s: start sent to the workers of host %s", parsed.batch_id, parsed.local_host)
+        return parsed.batch_id
+    batch_id = batches.start(parsed)
+    send_batch_page(batch_id, 0, parsed.local_host)
     return batch_id
 
 
@@ -292,8 +324,10 @@ def start_batch(self: Any, **request: Any) -> str:
 BATCH_PAGE_WAIT_SECONDS = 0.2
 
 
-def send_batch_page(batch_id: str, page: int) -> None:
-    send(list_batch, batch_id=batch_id, page=page, ignore_result=True)
+def send_batch_page(batch_id: str, page: int, host: str = "") -> None:
+    """Send the listing of page ``page``, to the workers of ``host`` for a host-local batch."""
+    where = {"queue": host_queue_of(host)} if host else {}
+    send(list_batch, batch_id=batch_id, page=page, ignore_result=True, **where)
 
 
 @app.task(name=contract.LIST_BATCH, bind=True, max_retries=None, throws=EXPECTED)
@@ -309,7 +343,7 @@ def list_batch(self: Any, batch_id: str, page: int, proof: str = "") -> str:
         # An earlier page's files are mostly still queued: list this one a moment later.
         _come_back(self, BATCH_PAGE_WAIT_SECONDS)
     if outcome.verdict is PageVerdict.MORE:
-        send_batch_page(batch_id, page + 1)
+        send_batch_page(batch_id, page + 1, outcome.host)
     return f"{outcome.verdict}: {outcome.started} started, {outcome.skipped} skipped, {outcome.failed} failed"
 
 
@@ -324,6 +358,12 @@ def cancel_batch(self: Any, batch_id: str, token: str | None = None, proof: str 
 def resume_batch(self: Any, batch_id: str, token: str | None = None, proof: str | None = None) -> dict[str, Any]:
     batches = Batches(default_context())
     batches.authorize(batch_id, "resume", token=token, operator=_operator(self, proof))
+    if batches.elsewhere(batches.request_of(batch_id)):
+        # A host-local directory: only the workers of its host may look at it. (Signed with the
+        # fleet key: the sender was authorized here.)
+        host = batches.request_of(batch_id).local_host
+        send(resume_batch, batch_id=batch_id, queue=host_queue_of(host))
+        return {"batch_id": batch_id, "forwarded": host}
     return batches.resume(batch_id, dispatch, send_groups, send_batch_page)
 
 

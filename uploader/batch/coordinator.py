@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uploader import locality
 from uploader.batch.request import (
     FINGERPRINT_METADATA,
     MAX_PAGE_SIZE,
@@ -20,7 +21,15 @@ from uploader.batch.request import (
 from uploader.checkpoint.batches import BatchRecord, BatchState, BatchStore, FailureKind, FileFailure
 from uploader.context import UploaderContext
 from uploader.coordinator import Coordinator, Dispatcher, PutGroup, authority_over
-from uploader.errors import InvalidRequest, PermanentStoreError, SourceError, UploadConflict, UploaderError, UploadNotFound
+from uploader.errors import (
+    InvalidRequest,
+    NoWorkerOnHost,
+    PermanentStoreError,
+    SourceError,
+    UploadConflict,
+    UploaderError,
+    UploadNotFound,
+)
 from uploader.model import UploadState
 from uploader.request import check_upload_id, parse_request, valid_upload_id
 from uploader.sources.directory import ListedFile, list_page, locate_directory
@@ -58,6 +67,8 @@ class PageOutcome:
     started: int = 0
     skipped: int = 0
     failed: int = 0
+    #: A host-local batch's host, whose workers list its next page ("" : any worker's).
+    host: str = ""
 
 
 class Batches:
@@ -70,17 +81,34 @@ class Batches:
         self.store = BatchStore(ctx.checkpoint)
         self.coordinator = Coordinator(ctx)
 
-    def start(self, kwargs: dict[str, Any]) -> str:
-        """Handle ``uploader.start_batch``: validate, check the directory and the bucket, create
-        the record. Returns the batch id; the caller sends its first page (page 0). A refusal
-        raises, and is noted under the batch id (``status`` says why) when it has one."""
+    def parse(self, kwargs: dict[str, Any]) -> BatchRequest:
+        """The ``uploader.start_batch`` request in ``kwargs``; a refusal raises, and is noted
+        under the batch id (``status`` says why) when it has one."""
         try:
-            request = parse_batch_request(kwargs)
+            return parse_batch_request(kwargs)
         except InvalidRequest as exc:
             batch_id = kwargs.get("batch_id")
             if isinstance(batch_id, str) and valid_upload_id(batch_id):
                 self._refuse(batch_id, exc)
             raise
+
+    def elsewhere(self, request: BatchRequest) -> bool:
+        """Whether a host-local batch must be handled by the workers of its host, not this one's;
+        :class:`NoWorkerOnHost` (noted under the batch id) if none of them is alive."""
+        host = request.local_host
+        if not self.coordinator.elsewhere(host):
+            return False
+        if not self.ctx.checkpoint.host_alive(host):
+            refusal = NoWorkerOnHost(locality.no_worker_message(host))
+            assert request.batch_id is not None
+            self._refuse(request.batch_id, refusal)
+            raise refusal
+        return True
+
+    def start(self, request: BatchRequest) -> str:
+        """Handle ``uploader.start_batch`` (its request :meth:`parse` d): check the directory
+        and the bucket, create the record. Returns the batch id; the caller sends its first page
+        (page 0). A refusal raises, and is noted under the batch id."""
         assert request.batch_id is not None
         try:
             locate_directory(request.source, self.settings.source_roots)
@@ -143,7 +171,7 @@ class Batches:
         if outcome != "ok":
             return PageOutcome(PageVerdict.STALE, page)
         verdict = PageVerdict.DONE if listing.done else PageVerdict.MORE
-        return PageOutcome(verdict, page, len(started), len(skipped), len(failures) + len(refused))
+        return PageOutcome(verdict, page, len(started), len(skipped), len(failures) + len(refused), request.local_host)
 
     def _pending(self, batch_id: str, page: int, page_size: int) -> int:
         """How many uploads of ``page`` are not finished yet."""
@@ -191,7 +219,7 @@ class Batches:
         return count
 
     def resume(
-        self, batch_id: str, dispatch: Dispatcher, send_groups: GroupSender, send_page: Callable[[str, int], None],
+        self, batch_id: str, dispatch: Dispatcher, send_groups: GroupSender, send_page: Callable[[str, int, str], None],
     ) -> dict[str, Any]:
         """Resume the batch's failed uploads, start again the files whose start was refused, and
         send its listing's page again (a duplicate of a live page is a no-op). A cancelled batch
@@ -227,9 +255,13 @@ class Batches:
             self.store.note_failures(batch_id, refused)
             restarted = len(started)
         if record.state is BatchState.LISTING:
-            send_page(batch_id, record.page)
+            send_page(batch_id, record.page, request.local_host)
         return {"batch_id": batch_id, "uploads_resumed": resumed, "files_restarted": restarted,
                 "listing": record.state.value}
+
+    def request_of(self, batch_id: str) -> BatchRequest:
+        """The request batch ``batch_id`` was started with (:class:`UploadNotFound` if none)."""
+        return BatchRequest.model_validate(self._get(batch_id).request)
 
     def _get(self, batch_id: str) -> BatchRecord:
         check_upload_id(batch_id)

@@ -73,6 +73,13 @@ class BatchRequest(BaseModel):
         return value
 
     @property
+    def local_host(self) -> str:
+        """The host whose workers alone read the directory (``options`` with ``locality`` "host":
+        uploader/locality.py); "" when every worker can."""
+        host = self.options.get("host") if self.options.get("locality") == "host" else None
+        return host if isinstance(host, str) else ""
+
+    @property
     def selector(self) -> Selector:
         return Selector(tuple(self.include), tuple(self.exclude))
 

@@ -38,14 +38,16 @@ class Heartbeat(threading.Thread):
     """Refreshes ``holder``'s liveness key every ``ttl / 3`` seconds until :meth:`stop`, releasing
     first any part lease a task of this process could not release while Redis was away (they are
     kept in this process's memory: a prefork pool process runs a heartbeat of its own).
-    ``worker``: the holder is a worker incarnation (counted as a live worker), not a pool process."""
+    ``worker``: the holder is a worker incarnation (counted as a live worker, and keeping its
+    ``host`` alive for host-local uploads), not a pool process."""
 
-    def __init__(self, store: CheckpointStore, holder: str, ttl: int, *, worker: bool = False) -> None:
+    def __init__(self, store: CheckpointStore, holder: str, ttl: int, *, worker: bool = False, host: str = "") -> None:
         super().__init__(name=f"uploader-heartbeat-{holder}", daemon=True)
         self.store = store
         self.holder = holder
         self.ttl = ttl
         self.worker = worker
+        self.host = host
         self._stopped = threading.Event()
 
     def beat(self) -> None:
@@ -53,7 +55,7 @@ class Heartbeat(threading.Thread):
         # alive again, they would look held by it.
         if released := self.store.release_pending():
             log.warning("released %d part leases left over from a Redis outage", released)
-        self.store.heartbeat(self.holder, self.ttl, worker=self.worker)
+        self.store.heartbeat(self.holder, self.ttl, worker=self.worker, host=self.host)
 
     def start(self) -> None:
         """Beat once now, so that the holder is alive before it takes its first lease, then every

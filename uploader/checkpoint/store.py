@@ -308,6 +308,12 @@ class CheckpointStore:
         """Sorted set of live worker incarnations, scored by when their heartbeat lapses."""
         return f"{self.prefix}:workers"
 
+    @property
+    def hosts_key(self) -> str:
+        """Sorted set of the hosts with a live worker (uploader/locality.py), scored by when the
+        last of their workers' heartbeats lapses."""
+        return f"{self.prefix}:hosts"
+
     def _keys(self, upload_id: str) -> list[str]:
         return [self.record_key(upload_id), self.parts_key(upload_id), self.inflight_key(upload_id)]
 
@@ -393,17 +399,27 @@ class CheckpointStore:
             pipe.exists(self.worker_key(owner))
         return {owner for owner, alive in zip(ordered, pipe.execute(), strict=True) if alive}
 
-    def heartbeat(self, holder: str, ttl: int, *, worker: bool = False) -> None:
+    def heartbeat(self, holder: str, ttl: int, *, worker: bool = False, host: str = "") -> None:
         """Declare ``holder`` alive for ``ttl`` seconds (its part leases keep holding). A
         ``worker`` (a worker incarnation's main process, not a prefork pool process) is also
-        counted in :meth:`live_workers`."""
+        counted in :meth:`live_workers`, and keeps its ``host`` alive (:meth:`host_alive`)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.worker_key(holder), "1", ex=ttl)
         if worker:
             now = time.time()
             pipe.zadd(self.workers_key, {holder: now + ttl})
             pipe.zremrangebyscore(self.workers_key, "-inf", now)
+            if host:
+                # GT: one worker's beat never shortens another's on the same host.
+                pipe.zadd(self.hosts_key, {host: now + ttl}, gt=True)
+                pipe.zremrangebyscore(self.hosts_key, "-inf", now)
         pipe.execute()
+
+    def host_alive(self, host: str, *, now: float | None = None) -> bool:
+        """Whether a worker of ``host`` beat within its heartbeat's lifetime (uploader/locality.py)."""
+        now = time.time() if now is None else now
+        lapses = self.redis.zscore(self.hosts_key, host)
+        return lapses is not None and float(lapses) >= now
 
     def retire(self, holder: str) -> None:
         """``holder`` stops (a clean shutdown): its leases lapse now instead of after its TTL."""
