@@ -11,11 +11,13 @@ import time
 from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.swapper import exchange
 from uploader.config import Settings
 from uploader.errors import SourceChanged, SourceError
-from uploader.sources import FileId, Fingerprint, LocalFileSource, open_source
+from uploader.sources import FileId, Fingerprint, LocalFileSource, denylist, open_source
 from uploader.sources.beneath import LeavesRoot, OpenMethod, open_beneath, openat2_available
 from uploader.sources.denylist import denial
 from uploader.sources.fingerprint import identity_scope
@@ -318,3 +320,21 @@ def test_the_workers_own_private_keys_are_denied_wherever_they_are(tmp_path: Pat
     assert denial(key) is None
     monkeypatch.setenv(variable, str(key))
     assert denial(key) is not None and variable in denial(key)  # type: ignore[operator]
+
+
+PATH_PARTS = st.sampled_from(
+    ["root", ".aws", ".ssh", "home", "user", ".profile", "proc", "sys", "dev", "etc", "shadow", "tmp", "data", ".env",
+     ".env.prod", "credentials", "config", "run", "secrets", "x.aws", ".."]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(PATH_PARTS, min_size=1, max_size=5))
+def test_the_compiled_deny_list_refuses_exactly_what_its_places_hold(parts: list[str]) -> None:
+    """The one regular expression ``denial`` tries first agrees with every place's own
+    ``holds`` (the loop it replaced), path by path."""
+    path = os.path.normpath("/" + "/".join(parts))
+    places, any_place = denylist._deny_list()
+    held = any(place.holds(path) for place in places)
+    assert (any_place.match(path) is not None) == held, path
+    assert (denial(path) is not None) == (held or denylist.is_env_file(os.path.basename(path)))

@@ -11,6 +11,7 @@ is renamed between the two.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,8 +60,7 @@ def locate(path: str, roots: Sequence[Path]) -> Located:
         raise denied_error(path, why)
     if not roots:
         raise SourceError(f"source {path!r} cannot be read: {NO_ROOTS_HINT}")
-    for root in roots:
-        real_root = Path(os.path.realpath(root))
+    for real_root in _real_roots(tuple(roots)):
         if real == real_root or real_root in real.parents:
             return Located(real_root, PurePosixPath(real.relative_to(real_root)))
     allowed = ", ".join(str(r) for r in roots)
@@ -76,12 +76,42 @@ _REALPATH_ATTEMPTS = 8
 
 
 def _realpath(name: str, raw: str) -> Path:
+    kernels = _kernel_realpath(raw)
+    if kernels is not None:
+        return Path(kernels)
     for _ in range(_REALPATH_ATTEMPTS):
         try:
             return Path(os.path.realpath(raw))
         except OSError:
             continue
     raise SourceError(f"source {name!r} kept changing while it was resolved (links renamed over its path)")
+
+
+def _kernel_realpath(raw: str) -> str | None:
+    """The real path of an existing ``raw`` as the kernel resolves it: an ``O_PATH`` descriptor
+    (nothing is opened for reading: no FIFO blocks, no device wakes) and its ``/proc/self/fd``
+    link. Two system calls instead of ``os.path.realpath``'s ``lstat`` per component in Python,
+    which was an eighth of a worker's CPU per small file. ``None`` (then ``os.path.realpath``
+    decides, with its own words for a missing path) when the path does not resolve or there is
+    no ``/proc``."""
+    try:
+        fd = os.open(raw, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return real if real.startswith("/") and not real.endswith(" (deleted)") else None
+
+
+@functools.lru_cache(maxsize=64)
+def _real_roots(roots: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The roots' real paths. Settings, resolved once per process: a root's own links are the
+    deployment's, and the open beneath the root (not this) is what confines a source."""
+    return tuple(Path(os.path.realpath(root)) for root in roots)
 
 
 def resolve_within_roots(path: str, roots: Sequence[Path]) -> Path:
