@@ -189,6 +189,11 @@ def is_stalled(state: str, now: float, stall_seconds: float, *signs_of_life: flo
     return state in ACTIVE_STATES and now - max(signs_of_life) > stall_seconds
 
 
+#: Puts back the messages held by dead worker incarnations (those not in the live set, first
+#: seen more than the grace seconds ago); returns how many per incarnation (workers/transport.py).
+MessageRestorer = Callable[[set[str], float], dict[str, int]]
+
+
 @dataclass
 class ReconcileReport:
     """What one reconcile run did: parts taken back from dead or hung holders and sent again,
@@ -355,13 +360,15 @@ class RecoveryLoop(threading.Thread):
     Redis, so a new leader keeps the cadence). Errors are logged, never fatal to the worker."""
 
     def __init__(
-        self, ctx: UploaderContext, holder: str, dispatch: Dispatcher, forget_chords: ChordForgetter | None = None
+        self, ctx: UploaderContext, holder: str, dispatch: Dispatcher, forget_chords: ChordForgetter | None = None,
+        restore_messages: MessageRestorer | None = None,
     ) -> None:
         super().__init__(name="uploader-recovery", daemon=True)
         self.ctx = ctx
         self.holder = holder
         self.dispatch = dispatch
         self.forget_chords = forget_chords
+        self.restore_messages = restore_messages
         settings = ctx.settings
         self.lease_seconds = settings.leader_lease_seconds
         self.tick_seconds = min(self.lease_seconds / 3, settings.reconcile_interval)
@@ -401,6 +408,8 @@ class RecoveryLoop(threading.Thread):
             log.info("recovery: attention index built; %d uploads need attention", indexed)
         # A little early rather than a tick late: the ticks do not line up with the interval.
         if last.reconciled_at is None or now - last.reconciled_at >= settings.reconcile_interval - self.tick_seconds / 2:
+            if self.restore_messages is not None:
+                self._restore_dead_holders_messages()
             report = reconcile(self.ctx, self.dispatch, now=now, keep_going=self.keep_leading)
             store.note_recovery(
                 leader=self.holder,
@@ -421,6 +430,21 @@ class RecoveryLoop(threading.Thread):
             run_janitor(self.ctx, now=now, forget_chords=self.forget_chords)
             sweep_index(self.ctx)
             store.note_recovery(leader=self.holder, janitor_at=now, indexed_at=now)
+
+    def _restore_dead_holders_messages(self) -> None:
+        """The messages dead worker incarnations had received but not finished, back on their
+        queues now rather than after the broker's visibility timeout (workers/transport.py)."""
+        assert self.restore_messages is not None
+        # Two heartbeats of grace: a worker that just started may hold messages before its
+        # first beat is seen.
+        grace = 2 * self.ctx.settings.worker_heartbeat_seconds
+        try:
+            restored = self.restore_messages(set(self.ctx.checkpoint.live_workers()), grace)
+        except Exception as exc:  # noqa: BLE001  (the broker away: the next run tries again)
+            log.warning("recovery: messages of dead workers not restored yet: %s", exc)
+            return
+        for name, count in restored.items():
+            log.warning("recovery: %d messages held by dead worker %s put back on their queues", count, name)
 
     def stop(self) -> None:
         """Stop, and hand the lease on at once (a clean shutdown)."""

@@ -29,7 +29,7 @@ from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_proc
 from uploader.config import get_settings
 from uploader.context import default_context
 from uploader.contract import celery_config, host_queue
-from workers import control
+from workers import control, transport
 from workers.transport import broker_settings
 
 settings = get_settings()
@@ -127,6 +127,8 @@ def name_incarnation(sender: str = "", instance: Any = None, **_: Any) -> None:
     and have it read its own host's queue too, whatever its ``-Q`` says (host-local uploads:
     uploader/locality.py)."""
     incarnation.name = incarnation_name(sender)
+    # The messages this incarnation receives are filed under its name (workers/transport.py).
+    transport.holder = incarnation.name
     if instance is not None:
         instance.app.amqp.queues.select_add(
             host_queue(settings.host_name, declare=True, max_priority=settings.queue_max_priority)
@@ -147,11 +149,15 @@ def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
         ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True, host=settings.host_name
     )
     incarnation.heartbeat.start()
-    incarnation.recovery = RecoveryLoop(ctx, name, dispatch, forget_chords)
+    incarnation.recovery = RecoveryLoop(ctx, name, dispatch, forget_chords, restore_held_messages)
     incarnation.recovery.start()
     # Every worker delivers the notification outbox (no leader: claims are atomic).
     incarnation.notifier = NotifierLoop(ctx, send_callback_task)
     incarnation.notifier.start()
+
+
+def restore_held_messages(live: set[str], grace: float) -> dict[str, int]:
+    return transport.restore_dead_holders(app, live, grace=grace)
 
 
 def send_callback_task(name: str, kwargs: dict[str, Any], queue: str) -> None:

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import ssl
+import time
 from queue import Empty
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -134,12 +135,77 @@ class _PoisonGuard:
             self.basic_ack(tag)  # type: ignore[attr-defined]
 
 
+#: The worker incarnation (uploader/checkpoint/heartbeat.py) this process consumes as, set by
+#: workers/app.py before the consumer starts; None: messages are not attributed.
+holder: str | None = None
+#: Sorted set of the incarnations that ever held a message, scored by when each first did; and
+#: per incarnation, the set of the delivery tags it holds unacknowledged.
+HOLDERS_KEY = "_uploader.holders"
+
+
+def held_key(incarnation: str) -> str:
+    return f"_uploader.held.{incarnation}"
+
+
+class HeldQoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, remembering which worker incarnation holds each message.
+
+    kombu keeps a delivered, unacknowledged message in its ``unacked`` hash, without its
+    consumer's name, and puts it back only after the visibility timeout (an hour by default). A
+    worker killed while it held messages whose tasks had not yet taken a part lease (a retry or
+    a part waiting for its countdown, one between the broker and the pool) so stranded them for
+    an hour, or until the stall reconciler resumed the upload. Here every delivery tag is also
+    filed under its holder (one ``SADD`` as the message arrives; the ``SREM`` rides in kombu's
+    own acknowledgement pipeline), so the recovery leader can put a dead incarnation's messages
+    back at once (:func:`restore_dead_holders`), with kombu's own ``restore_by_tag``."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        super().append(message, delivery_tag)
+        if holder is not None:
+            with self.channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                pipe.zadd(HOLDERS_KEY, {holder: time.time()}, nx=True)
+                pipe.sadd(held_key(holder), delivery_tag)
+                pipe.execute()
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        pipe = super()._remove_from_indices(delivery_tag, pipe)
+        return pipe.srem(held_key(holder), delivery_tag) if holder is not None else pipe
+
+
 class Channel(_PoisonGuard, kombu_redis.Channel):
-    pass
+    QoS = HeldQoS
 
 
 class SentinelChannel(_PoisonGuard, kombu_redis.SentinelChannel):
-    pass
+    QoS = HeldQoS
+
+
+def restore_dead_holders(app: Any, live: set[str], *, grace: float) -> dict[str, int]:
+    """Put back on their queues the messages held by worker incarnations not in ``live`` (their
+    heartbeat lapsed) that first held a message more than ``grace`` seconds ago (so that a worker
+    whose first heartbeat is still on its way is not taken for dead), and forget those
+    incarnations. Returns the number of messages restored per incarnation (none on a broker
+    other than Redis: RabbitMQ gives a dead consumer's messages back by itself)."""
+    restored: dict[str, int] = {}
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        qos = getattr(channel, "qos", None)
+        if not isinstance(qos, HeldQoS):
+            return restored
+        client = channel.client
+        for raw in client.zrange(HOLDERS_KEY, 0, time.time() - grace, byscore=True):
+            name = bytes_to_str(raw)
+            if name in live:
+                continue
+            tags = [bytes_to_str(tag) for tag in client.smembers(held_key(name))]
+            for tag in tags:
+                qos.restore_by_tag(tag, leftmost=True)  # a no-op for a tag acknowledged meanwhile
+            client.delete(held_key(name))
+            client.zrem(HOLDERS_KEY, name)
+            if tags:
+                restored[name] = len(tags)
+    return restored
 
 
 class Transport(kombu_redis.Transport):

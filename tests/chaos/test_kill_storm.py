@@ -3,9 +3,9 @@ at once on the same host, as systemd's ``Restart=always`` or a container runtime
 worker is started as the README says (``uploader worker``), so all of them, the dead and their
 replacements, share one node name (``celery@<host>``). Nobody calls ``resume``: only the workers'
 own recovery (one leads at a time) sends again the parts a killed incarnation held, once its
-heartbeat lapses. A message a killed worker had received but not yet started (no lease names it)
-stays in kombu's unacked hash until the visibility timeout; the stall reconciler
-(``UPLOADER_STALL_SECONDS``, shortened here) resumes the upload if that stops it."""
+heartbeat lapses, and puts back on their queues the messages it had received but not started
+(workers/transport.py). The stall reconciler (``UPLOADER_STALL_SECONDS``, shortened here) is the
+last resort; how often it was needed is reported (``stall_resumes``)."""
 
 from __future__ import annotations
 
