@@ -347,7 +347,7 @@ class Coordinator:
                     "on the server, not sent, and verified by its size and the ETags the server reports; leave it out"
                 )
             plan, mode = self._plan(fingerprint.size, request.part_size, request.endpoint)
-            self._check_bucket(request.bucket, request.endpoint)
+            self.check_bucket(request.bucket, request.endpoint)
             if options.no_overwrite and self.store.get(upload_id) is None:
                 self._check_key_free(request.bucket, request.key, options, request.endpoint)
         except REFUSALS as exc:
@@ -712,7 +712,10 @@ class Coordinator:
             "mode": mode,
         }
 
-    def _check_bucket(self, bucket: str, endpoint: str | None) -> None:
+    def check_bucket(self, bucket: str, endpoint: str | None) -> None:
+        """Refuse (:class:`PermanentStoreError` NoSuchBucket) a bucket the endpoint does not
+        have, before anything is created; a bucket seen lately is not asked about again, and one
+        the credentials may not list is left for the upload itself to find out about."""
         objects = self.ctx.objects_for(endpoint)
         seen_key = (objects.endpoint.endpoint_url, objects.endpoint.name, bucket)
         seen = _buckets_seen.get(seen_key)

@@ -113,7 +113,7 @@ class Batches:
         try:
             locate_directory(request.source, self.settings.source_roots)
             endpoint = request.options.get("endpoint")
-            self.coordinator._check_bucket(request.bucket, endpoint)
+            self.coordinator.check_bucket(request.bucket, endpoint)
         except (SourceError, InvalidRequest, PermanentStoreError) as exc:
             self._refuse(request.batch_id, exc)
             raise
