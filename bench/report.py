@@ -358,6 +358,11 @@ def small_many_markdown(many: dict[str, Any] | None, add: Any) -> None:
     if "wall_s" in s5:
         add(f"| s5cmd cp 'dir/*' --numworkers {s5['numworkers']} | {s5['files_per_s']:.0f} | {s5['wall_s']} s | 1x | "
             f"(its own CPU: {s5['cpu_ms_per_file']} ms/file) | |")
+    crt = many.get("awscrt", {})
+    if "wall_s" in crt and "wall_s" in s5:
+        failed = f" ({crt['failed']} FAILED)" if crt.get("failed") else ""
+        add(f"| awscrt S3Client, every file in flight (a probe: bench/crtput.py) | {crt['files_per_s']:.0f} | {crt['wall_s']} s | "
+            f"{crt['wall_s'] / s5['wall_s']:.2f}x | (client CPU: {crt['cpu_ms_per_file']} ms/file) | |{failed}")
     for name in ("submit_many", "submit", "submit_batch"):
         row = many.get(name)
         if row:

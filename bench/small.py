@@ -225,6 +225,18 @@ def run_many(rig: Rig, project: Any, *, count: int, timeout: float, log: Any) ->
         }
         log(f"  {count} x 16 KiB, s5cmd cp 'dir/*' --numworkers {S5CMD_WORKERS}: "
             f"{result['s5cmd']['files_per_s']:.0f} files/s ({result['s5cmd']['wall_s']} s)")
+    # What the same PUTs cost a C client (the CRT of boto3[crt]): the room a worker's small-object
+    # path has below botocore's per-request CPU.
+    try:
+        from bench import crtput
+        from bench.rig import ACCESS_KEY, REGION, SECRET_KEY
+
+        cost = crtput.put_files(rig.endpoint_url, BUCKET, "crt/", paths, access_key=ACCESS_KEY, secret_key=SECRET_KEY, region=REGION)
+        result["awscrt"] = crtput.row(cost, count)
+        log(f"  {count} x 16 KiB, awscrt S3Client: {result['awscrt']['files_per_s']:.0f} files/s ({result['awscrt']['wall_s']} s), "
+            f"client {result['awscrt']['cpu_ms_per_file']} CPU ms/file")
+    except ImportError:
+        result["awscrt"] = {"error": "awscrt not installed (pip install 'boto3[crt]')"}
     measured("submit_many", lambda: [
         h.upload_id for h in up.submit_many([(str(p), f"s3://{BUCKET}/many/{p.name}") for p in paths])
     ])
