@@ -338,15 +338,16 @@ class Uploader:
             handle.accepted(accept_timeout)
         return handle
 
-    def find_batch(self, batch_id: str) -> BatchStatus | None:
+    def find_batch(self, batch_id: str, *, completed: dict[str, int] | None = None) -> BatchStatus | None:
         """The batch's aggregate status (:class:`uploader.batch.BatchStatus`), a refused batch's
-        reason, or ``None`` if there is no batch ``batch_id`` (an upload id, say)."""
+        reason, or ``None`` if there is no batch ``batch_id`` (an upload id, say). ``completed``:
+        see :func:`uploader.batch.status.batch_status` (what a poller keeps between its reads)."""
         from uploader.batch.status import batch_status
         from uploader.checkpoint.batches import BatchStore
 
         check_upload_id(batch_id)
         with self.reaching():
-            return batch_status(BatchStore(self.checkpoint), batch_id)
+            return batch_status(BatchStore(self.checkpoint), batch_id, completed)
 
     def batch_status(self, batch_id: str) -> BatchStatus:
         status = self.find_batch(batch_id)
@@ -359,8 +360,9 @@ class Uploader:
         caller reads ``state`` and ``failures``). A refused batch raises its refusal;
         :class:`TimeoutError` at the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        completed: dict[str, int] = {}  # read once each: a completed upload stays completed
         while True:
-            status = self.find_batch(batch_id)
+            status = self.find_batch(batch_id, completed=completed)
             if status is None and start is not None and start.ready() and start.failed():
                 raise _task_error(start)
             if status is not None and status.terminal:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from uploader.checkpoint.batches import BatchState, BatchStore, FailureKind, FileFailure
-from uploader.model import UploadRecord, UploadState
+from uploader.model import TERMINAL_STATES, UploadState
 
 #: Failures ``status`` lists (the counts cover all of them).
 MAX_LISTED_FAILURES = 100
@@ -61,9 +61,42 @@ class BatchStatus:
         return asdict(self)
 
 
-def batch_status(store: BatchStore, batch_id: str) -> BatchStatus | None:
-    """The batch's aggregate status (its record and every upload's, read in pipelined chunks),
-    a refused request's reason, or ``None`` (not accepted yet, or unknown)."""
+#: The record fields the aggregate reads of each upload: a 100,000-file batch's status reads
+#: these (HMGET), not 100,000 whole records.
+_FIELDS = ("state", "size", "bytes_done", "retry_at", "error", "key")
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """What the aggregate needs of one upload's record."""
+
+    state: str
+    size: int
+    bytes_done: int
+    retry_at: float
+    error: str
+    key: str
+
+    @classmethod
+    def of(cls, values: list[str | None]) -> _Upload | None:
+        state, size, bytes_done, retry_at, error, key = values
+        if state is None:
+            return None
+        return cls(state, int(size or 0), int(bytes_done or 0), float(retry_at or 0), error or "", key or "")
+
+    @property
+    def terminal(self) -> bool:
+        """As :attr:`UploadRecord.terminal`: ended, and no automatic resume to come."""
+        return self.state in TERMINAL_STATES and not (self.state == UploadState.FAILED and self.retry_at > 0)
+
+
+def batch_status(store: BatchStore, batch_id: str, completed: dict[str, int] | None = None) -> BatchStatus | None:
+    """The batch's aggregate status (its record and what it needs of every upload's, read in
+    pipelined chunks), a refused request's reason, or ``None`` (not accepted yet, or unknown).
+
+    ``completed``: the uploads a caller polling the same batch saw completed already, by id, with
+    their sizes (filled in here): a completed upload never changes again, so it is not read
+    again (a waiter polling a large batch reads only what is still moving)."""
     record = store.get(batch_id)
     if record is None:
         refusal = store.refusal(batch_id)
@@ -74,20 +107,27 @@ def batch_status(store: BatchStore, batch_id: str) -> BatchStatus | None:
     bytes_total = bytes_done = 0
     problems: list[FileFailure] = []
     ids = list(store.upload_ids(batch_id))
-    for start in range(0, len(ids), store.CHUNK):
-        chunk = ids[start : start + store.CHUNK]
+    known = completed if completed is not None else {}
+    for size in known.values():
+        counts["done"] += 1
+        bytes_total += size
+        bytes_done += size
+    moving = [upload_id for upload_id in ids if upload_id not in known]
+    for start in range(0, len(moving), store.CHUNK):
+        chunk = moving[start : start + store.CHUNK]
         pipe = store.redis.pipeline(transaction=False)
         for upload_id in chunk:
-            pipe.hgetall(store.checkpoint.record_key(upload_id))
-        for upload_id, raw in zip(chunk, pipe.execute(), strict=True):
-            if not raw:
+            pipe.hmget(store.checkpoint.record_key(upload_id), _FIELDS)
+        for upload_id, values in zip(chunk, pipe.execute(), strict=True):
+            upload = _Upload.of(values)
+            if upload is None:
                 counts["active"] += 1  # noted by the listing, not started yet
                 continue
-            upload = UploadRecord.from_hash(upload_id, raw)
             bytes_total += upload.size
             if upload.state == UploadState.COMPLETED:
                 counts["done"] += 1
                 bytes_done += upload.size
+                known[upload_id] = upload.size
                 continue
             bytes_done += upload.bytes_done
             if not upload.terminal:
