@@ -52,6 +52,22 @@ def test_a_small_upload_whose_put_fails_is_finished_by_a_put_object_task(make_st
     assert stack.object_sha256(bucket, "small.bin") == sha256_file(path)
 
 
+def test_a_small_object_the_server_cannot_show_after_its_put_fails_at_once(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    """A PutObject answered with another ETag than the MD5 sent (as servers that encrypt do) is
+    checked by HeadObject; when that is refused, the upload fails now with the reason, instead of
+    staying ``completing`` until its completion lease lapses (five minutes)."""
+    stack: Stack = make_stack(UPLOADER_AUTO_RESUME_LIMIT="0")
+    stack.start_worker("unseen", concurrency=2, UPLOADER_S3_ENDPOINT_URL=proxy.url)
+    bucket = stack.new_bucket()
+    path = stack.make_file(1000)
+    proxy.add_headers = lambda method, path_, body, headers: {"ETag": '"00000000000000000000000000000000"'} if method == "PUT" else {}
+    proxy.targets = lambda method, path_: method == "HEAD" and path_.endswith("/unseen.bin")
+    proxy.fault, proxy.rate = "forbidden", 1.0
+    with pytest.raises(UploadFailed, match="verification failed: the server acknowledged the PutObject"):
+        stack.uploader.submit(str(path), f"s3://{bucket}/unseen.bin").wait(timeout=30)
+    assert proxy.counts["injected-forbidden"] == 1
+
+
 def test_exhausted_retries_fail_with_a_readable_reason_and_keep_parts(make_stack, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
     # More retries than Celery's own default limit (3), which must not cut them short. With
     # automatic resumes off, the failure is final until someone resumes.

@@ -283,7 +283,13 @@ def send_single(ctx: UploaderContext, record: UploadRecord, generation: int, tok
     storage_class = ""
     if etag != expected:
         # Servers that encrypt (SSE-KMS, SSE-C) answer with another ETag: check the stored size.
-        head = objects.head_object(record.bucket, record.key, record.options)
+        try:
+            head = objects.head_object(record.bucket, record.key, record.options)
+        except PermanentStoreError as exc:
+            # (A transient error is raised as it is: the PUT is tried again under the same lease.)
+            reason = f"verification failed: the server acknowledged the PutObject, then could not show the object ({exc})"
+            fail_permanently(ctx, upload_id, reason, generation)
+            raise
         etag, verified = head.get("ETag", ""), "size"
         storage_class = head.get("StorageClass", "")
         if head["ContentLength"] != record.size:
