@@ -29,7 +29,6 @@ from uploader.config import Settings, get_settings, redact_url
 from uploader.errors import (
     InvalidRequest,
     NotAuthorized,
-    NoWorkerOnHost,
     NoWorkers,
     Unreachable,
     UploadCancelled,
@@ -276,9 +275,7 @@ class Uploader:
         """Raise :class:`NoWorkerOnHost` unless a worker of ``host`` is alive (a host-local
         upload's file can be read nowhere else: uploader/locality.py)."""
         with self.reaching():
-            alive = self.checkpoint.host_alive(host)
-        if not alive:
-            raise NoWorkerOnHost(locality.no_worker_message(host))
+            locality.require_worker(self.checkpoint, host)
 
     def _start_kwargs(self, source: str, destination: str, options: dict[str, Any]) -> tuple[dict[str, Any], Capability, int | None]:
         """A start request's kwargs (validated here: :class:`InvalidRequest`), its capability

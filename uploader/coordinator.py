@@ -145,11 +145,12 @@ class Coordinator:
         host's queue), provided a worker of that host is alive (else :class:`NoWorkerOnHost`)."""
         request = self._parsed(kwargs)
         assert request.upload_id is not None, "parse_request fills in the upload id"
-        if forward is not None and self.elsewhere(request.local_host):
-            if not self.store.host_alive(request.local_host):
-                refusal = NoWorkerOnHost(locality.no_worker_message(request.local_host))
+        if forward is not None and self.on_other_host(request.local_host):
+            try:
+                locality.require_worker(self.store, request.local_host)
+            except NoWorkerOnHost as refusal:
                 self._refuse(request.upload_id, refusal)
-                raise refusal
+                raise
             forward(request)
             return request.upload_id
         self.start(request, dispatch)
@@ -326,7 +327,7 @@ class Coordinator:
         upload_id = request.upload_id
         assert upload_id is not None, "parse_request fills in the upload id"
         try:
-            if self.elsewhere(request.local_host):
+            if self.on_other_host(request.local_host):
                 raise InvalidRequest(
                     f"the source is on host {request.local_host}, and this worker is on {self.settings.host_name}: "
                     f"send the request to the queue {locality.host_queue_name(request.local_host)}"
@@ -490,7 +491,7 @@ class Coordinator:
                 return Dispatch(upload_id, DispatchKind.NOTHING, reason="already completed")
             if record.state == UploadState.CANCELLED:
                 raise UploadConflict(f"upload {upload_id} was cancelled; submit it again under a new upload id")
-            if self.elsewhere(record.host):
+            if self.on_other_host(record.host):
                 # Its source is on another host's disk: only the workers there may look at it.
                 return self._forward(record, dispatch, restart=restart)
             if record.state == UploadState.CREATING:
@@ -544,7 +545,7 @@ class Coordinator:
                 self.store.forget_parts(upload_id, record.mpu_id, lost)
             return self._reopen_and_dispatch(record, dispatch)
 
-    def elsewhere(self, host: str) -> bool:
+    def on_other_host(self, host: str) -> bool:
         """Whether a host-local upload of ``host`` must be handled by another host's workers."""
         return bool(host) and host != self.settings.host_name
 
@@ -552,11 +553,12 @@ class Coordinator:
         """Send the resume of a host-local upload to its host's workers, or raise
         :class:`NoWorkerOnHost` if none is alive (noted for ``status`` while the upload waits;
         a failed upload keeps its own reason, and its automatic resumes)."""
-        if not self.store.host_alive(record.host):
-            message = locality.no_worker_message(record.host)
+        try:
+            locality.require_worker(self.store, record.host)
+        except NoWorkerOnHost as exc:
             if record.state in ACTIVE_STATES:
-                self.store.note_error(record.upload_id, message)
-            raise NoWorkerOnHost(message)
+                self.store.note_error(record.upload_id, str(exc))
+            raise
         plan = Dispatch(record.upload_id, DispatchKind.FORWARD, reason=f"to host {record.host}", host=record.host, restart=restart)
         dispatch(plan)
         log.info("upload %s: resume forwarded to the workers of host %s", record.upload_id, record.host)

@@ -18,6 +18,9 @@ from __future__ import annotations
 import re
 import socket
 from enum import StrEnum
+from typing import Protocol
+
+from uploader.errors import NoWorkerOnHost
 
 #: A host name as queues and records carry it: a DNS label or dotted name, at most 63 characters.
 HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -53,6 +56,19 @@ def default_host_name() -> str:
 def host_queue_name(host: str) -> str:
     """The queue the workers of ``host`` read (and they alone)."""
     return HOST_QUEUE_PREFIX + check_host(host)
+
+
+class HostRegistry(Protocol):
+    """Where the workers' hosts are kept alive (the checkpoint store)."""
+
+    def host_alive(self, host: str) -> bool: ...
+
+
+def require_worker(hosts: HostRegistry, host: str) -> None:
+    """Raise :class:`~uploader.errors.NoWorkerOnHost`, saying what to do, unless a worker of
+    ``host`` is alive (a host-local upload's file can be read nowhere else)."""
+    if not hosts.host_alive(host):
+        raise NoWorkerOnHost(no_worker_message(host))
 
 
 def no_worker_message(host: str) -> str:

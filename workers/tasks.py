@@ -63,6 +63,12 @@ def host_queue_of(host: str) -> Any:
     return contract.host_queue(host)  # declared by the workers of that host
 
 
+def on_host(host: str) -> dict[str, Any]:
+    """``send`` options for a message of ``host``'s uploads: its host's queue, or (``""``: every
+    worker can read the source) none, the task's own queue."""
+    return {"queue": host_queue_of(host)} if host else {}
+
+
 def dispatch(plan: Dispatch) -> None:
     """Send what the coordinator decided. Part messages carry the upload id and part number only
     (the plan itself is in the checkpoint), at the upload's priority, in the part lane the
@@ -128,15 +134,14 @@ def _retry_put(upload_id: str, generation: int, token: str, exc: TransientStoreE
     upload's on its host."""
     log.warning("upload %s: PutObject: %s; retrying as a task", upload_id, exc)
     record = default_context().checkpoint.get(upload_id)  # (a rare path: one more read is cheap)
-    where = {"queue": host_queue_of(record.host)} if record is not None and record.host else {}
-    send(put_object, upload_id=upload_id, generation=generation, task_id=token, countdown=1, **where)
+    send(put_object, upload_id=upload_id, generation=generation, task_id=token, countdown=1,
+         **on_host(record.host if record is not None else ""))
 
 
 def send_groups(groups: list[PutGroup]) -> None:
     """One ``put_objects`` message per group, storing no result (nothing reads one)."""
     for group in groups:
-        where = {"queue": host_queue_of(group.host)} if group.host else {}
-        send(put_objects, uploads=[list(pair) for pair in group.uploads], ignore_result=True, **where)
+        send(put_objects, uploads=[list(pair) for pair in group.uploads], ignore_result=True, **on_host(group.host))
 
 
 def _retry_or_fail(
@@ -310,7 +315,7 @@ def start_batch(self: Any, **request: Any) -> str:
     batches = Batches(default_context())
     parsed = batches.parse(request)
     assert parsed.batch_id is not None
-    if batches.elsewhere(parsed):
+    if batches.must_forward(parsed):
         # A host-local directory: listed by the workers of its host only (uploader/locality.py).
         start_batch.apply_async(kwargs=parsed.model_dump(mode="json", exclude_none=True), queue=host_queue_of(parsed.local_host))
         log.info("batch %s: start sent to the workers of host %s", parsed.batch_id, parsed.local_host)
@@ -326,8 +331,7 @@ BATCH_PAGE_WAIT_SECONDS = 0.2
 
 def send_batch_page(batch_id: str, page: int, host: str = "") -> None:
     """Send the listing of page ``page``, to the workers of ``host`` for a host-local batch."""
-    where = {"queue": host_queue_of(host)} if host else {}
-    send(list_batch, batch_id=batch_id, page=page, ignore_result=True, **where)
+    send(list_batch, batch_id=batch_id, page=page, ignore_result=True, **on_host(host))
 
 
 @app.task(name=contract.LIST_BATCH, bind=True, max_retries=None, throws=EXPECTED)
@@ -358,12 +362,12 @@ def cancel_batch(self: Any, batch_id: str, token: str | None = None, proof: str 
 def resume_batch(self: Any, batch_id: str, token: str | None = None, proof: str | None = None) -> dict[str, Any]:
     batches = Batches(default_context())
     batches.authorize(batch_id, "resume", token=token, operator=_operator(self, proof))
-    if batches.elsewhere(batches.request_of(batch_id)):
+    request = batches.request_of(batch_id)
+    if batches.must_forward(request):
         # A host-local directory: only the workers of its host may look at it. (Signed with the
         # fleet key: the sender was authorized here.)
-        host = batches.request_of(batch_id).local_host
-        send(resume_batch, batch_id=batch_id, queue=host_queue_of(host))
-        return {"batch_id": batch_id, "forwarded": host}
+        send(resume_batch, batch_id=batch_id, queue=host_queue_of(request.local_host))
+        return {"batch_id": batch_id, "forwarded": request.local_host}
     return batches.resume(batch_id, dispatch, send_groups, send_batch_page)
 
 

@@ -92,17 +92,18 @@ class Batches:
                 self._refuse(batch_id, exc)
             raise
 
-    def elsewhere(self, request: BatchRequest) -> bool:
+    def must_forward(self, request: BatchRequest) -> bool:
         """Whether a host-local batch must be handled by the workers of its host, not this one's;
         :class:`NoWorkerOnHost` (noted under the batch id) if none of them is alive."""
         host = request.local_host
-        if not self.coordinator.elsewhere(host):
+        if not self.coordinator.on_other_host(host):
             return False
-        if not self.ctx.checkpoint.host_alive(host):
-            refusal = NoWorkerOnHost(locality.no_worker_message(host))
+        try:
+            locality.require_worker(self.ctx.checkpoint, host)
+        except NoWorkerOnHost as refusal:
             assert request.batch_id is not None
             self._refuse(request.batch_id, refusal)
-            raise refusal
+            raise
         return True
 
     def start(self, request: BatchRequest) -> str:
