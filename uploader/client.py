@@ -146,6 +146,10 @@ class Uploader:
         self.celery.conf.update(contract.celery_config(settings))
         # Publish by queue name only: the workers declare the queues (clients' Redis user may not).
         self.celery.conf.update(task_queues=contract.task_queues(declare=False, max_priority=self.settings.queue_max_priority, lanes=self.settings.part_lanes))
+        # No task-sent events from clients: each process would appear in Flower (and in its
+        # metrics' ``worker`` label) as a worker of its own, ``gen<pid>@host``, one more per CLI
+        # call. Flower learns of a submitted task when a worker receives it.
+        self.celery.conf.update(task_send_sent_event=False)
         # Message signing, if the deployment turned it on: every message this client sends is signed.
         signing.enable(self.celery, settings)
         if interactive:

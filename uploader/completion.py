@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from uploader import metrics
 from uploader.checkpoint import UploadRecord
 from uploader.checksums import (
     ChecksumAlgorithm,
@@ -107,6 +109,7 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
     full_object = expected_checksum.value if expected_checksum and expected_checksum.type is ChecksumType.FULL_OBJECT else None
     response: dict[str, Any] = {}
     oss_callback = OssCallback.from_record(record.oss_callback, record.oss_callback_vars)
+    began = time.perf_counter()
     try:
         response = objects.complete_multipart_upload(
             record.bucket, record.key, record.mpu_id, ordered, algorithm, full_object_checksum=full_object,
@@ -172,6 +175,7 @@ def complete_upload(ctx: UploaderContext, upload_id: str, generation: int, token
         },
     )
     if outcome == "ok":
+        metrics.completion_took(time.perf_counter() - began)
         log.info("upload %s: completed (%s, %s)", upload_id, stored_etag, verified)
         return CompletionOutcome(CompletionVerdict.COMPLETED)
     # The lease lapsed while we worked: another completer took it over ("fenced"), or the

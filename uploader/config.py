@@ -210,6 +210,12 @@ class Settings(BaseSettings):
     #: a worker reads the queue ``uploader.host.<host_name>``; a client's ``--local`` uploads
     #: name it. By default the hostname; set it where hostnames are not unique or not stable.
     host_name: str = Field(default_factory=default_host_name)
+    #: The port a worker serves its Prometheus metrics on (``/metrics``; uploader/metrics.py);
+    #: 0: none. Each worker process needs its own (one per machine or pod).
+    metrics_port: int = Field(0, ge=0, le=65535)
+    #: The address the metrics are served on: every interface by default (Prometheus scrapes the
+    #: pod or machine address); 127.0.0.1 to keep them on the machine.
+    metrics_address: str = "0.0.0.0"
     #: Attempts per Redis command during a Redis outage (backoff up to 2 s each; 30: about a
     #: minute) before the task in hand gives up; the reconciler recovers from longer outages.
     redis_reconnect_attempts: int = Field(30, ge=0)

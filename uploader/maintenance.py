@@ -32,15 +32,18 @@ its own checkpoints, so multipart uploads started by anyone else are never abort
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
 import redis
 
+from uploader import metrics
 from uploader.checkpoint import UploadRecord
 from uploader.completion import mark_failed
 from uploader.context import UploaderContext
@@ -201,6 +204,10 @@ class ReconcileReport:
 
     reclaimed: dict[str, tuple[int, ...]] = field(default_factory=dict)
     resumed: list[Dispatch] = field(default_factory=list)
+    #: The uploads that needed attention, by state (``failed``: a resume to come), and how many
+    #: of them were stalled, as this run found them (for the fleet's metrics).
+    states: Counter[str] = field(default_factory=Counter)
+    stalled: int = 0
 
     @property
     def upload_ids(self) -> list[str]:
@@ -224,6 +231,9 @@ def reconcile(
     coordinator = Coordinator(ctx)
     report = ReconcileReport()
     for upload in scan_active(ctx):
+        report.states[str(upload.state)] += 1
+        if upload.state in ACTIVE_STATES and upload.stalled(now, settings.stall_seconds):
+            report.stalled += 1
         if upload.state == UploadState.UPLOADING and not upload.stalled(now, settings.stall_seconds):
             generation, parts = store.reclaim_parts(upload.upload_id, now=now)
             if parts:
@@ -411,12 +421,12 @@ class RecoveryLoop(threading.Thread):
             if self.restore_messages is not None:
                 self._restore_dead_holders_messages()
             report = reconcile(self.ctx, self.dispatch, now=now, keep_going=self.keep_leading)
+            reclaimed = sum(len(p) for p in report.reclaimed.values())
             store.note_recovery(
-                leader=self.holder,
-                reconciled_at=now,
-                reclaimed=sum(len(p) for p in report.reclaimed.values()),
-                resumed=len(report.resumed),
+                leader=self.holder, reconciled_at=now, reclaimed=reclaimed, resumed=len(report.resumed),
+                states=json.dumps(report.states), stalled=report.stalled,
             )
+            metrics.recovery_ran(reclaimed, len(report.resumed))
             if self.forget_chords is not None:
                 try:
                     release_settled(self.ctx, self.forget_chords, keep_going=self.keep_leading)

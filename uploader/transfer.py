@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from uploader import metrics
 from uploader.checkpoint.store import PartJob, PartTimeLimit
 from uploader.checksums import ChecksumType, crc64ecma, md5_b64_to_etag
 from uploader.completion import PRECONDITION_FAILED, CompletionOutcome, mark_failed, refuse_overwrite, result_fields
@@ -93,13 +94,19 @@ def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generati
     if not isinstance(job, PartJob):
         return PartOutcome(PartVerdict.INACTIVE, state=job)
     try:
-        return _send_part(ctx, job, generation, owner, time_limit)
+        with metrics.sending("part", job.length) as sending:
+            outcome = _send_part(ctx, job, generation, owner, time_limit, sending)
+            if outcome.verdict in (PartVerdict.RECORDED, PartVerdict.LAST):
+                sending.recorded()
+            return outcome
     except BaseException:
         store.release_part_or_later(upload_id, part_number, owner)  # a retry or resume takes it over
         raise
 
 
-def _send_part(ctx: UploaderContext, job: PartJob, generation: int, owner: str, time_limit: PartTimeLimit) -> PartOutcome:
+def _send_part(
+    ctx: UploaderContext, job: PartJob, generation: int, owner: str, time_limit: PartTimeLimit, sending: metrics.Transfer
+) -> PartOutcome:
     store = ctx.checkpoint
     upload_id, part_number = job.upload_id, job.part_number
     budget = ctx.settings.part_buffer_max
@@ -150,6 +157,7 @@ def _send_part(ctx: UploaderContext, job: PartJob, generation: int, owner: str, 
     finally:
         if source_range is not None:
             source_range.close()
+    sending.sent()
     return PartOutcome.recorded(store.record_part(upload_id, job.mpu_id, part_number, uploaded, job.length), job.length)
 
 
@@ -242,8 +250,11 @@ def put_single(
         )
         if verdict is not BeginCompletion.GO:
             return CompletionOutcome.refused(verdict, state)
-    fields = send_single(ctx, record, generation, token)
-    store.mark_completed(upload_id, token, ctx.settings.retention_seconds, fields)
+    with metrics.sending("object", record.size) as sending:
+        fields = send_single(ctx, record, generation, token)
+        sending.sent()
+        if store.mark_completed(upload_id, token, ctx.settings.retention_seconds, fields) == "ok":
+            sending.recorded()
     return CompletionOutcome(CompletionVerdict.COMPLETED)
 
 
@@ -357,20 +368,26 @@ def put_many(ctx: UploaderContext, uploads: list[tuple[str, int]], retry: Single
             ready.append((upload_id, generation, record, uuid.uuid4().hex))
     answers = store.begin_completions([(u, token) for u, _, _, token in ready], ctx.settings.completion_lease_seconds)
     sent: list[tuple[str, str, dict[str, Any]]] = []
+    transfers: list[metrics.Transfer] = []
     for (upload_id, generation, record, token), answer in zip(ready, answers, strict=True):
         verdict, state = parse_answer(answer, BeginCompletion)
         if verdict is not BeginCompletion.GO:
             outcome.skipped[upload_id] = CompletionOutcome.refused(verdict, state).text
             continue
         try:
-            sent.append((upload_id, token, send_single(ctx, record, generation, token)))
+            with metrics.sending("object", record.size) as sending:
+                sent.append((upload_id, token, send_single(ctx, record, generation, token)))
+                sending.sent()
+                transfers.append(sending)
         except TransientStoreError as exc:
             retry(upload_id, generation, token, exc)
             outcome.retrying.append(upload_id)
         except UploaderError as exc:  # recorded as the upload's failure (or refusal) already
             outcome.failed[upload_id] = str(exc)
-    for (upload_id, _, _), answer in zip(sent, store.mark_many_completed(sent, ctx.settings.retention_seconds), strict=True):
+    marked = store.mark_many_completed(sent, ctx.settings.retention_seconds)
+    for (upload_id, _, _), answer, sending in zip(sent, marked, transfers, strict=True):
         if answer == "ok":
+            sending.recorded()
             outcome.completed.append(upload_id)
         else:  # cancelled meanwhile, or its lease lapsed and another sender took it over
             outcome.skipped[upload_id] = answer

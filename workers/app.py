@@ -19,11 +19,12 @@ from celery.signals import (
     celeryd_after_setup,
     celeryd_init,
     worker_process_init,
+    worker_process_shutdown,
     worker_ready,
     worker_shutdown,
 )
 
-from uploader import logsafe, signing
+from uploader import logsafe, metrics, signing
 from uploader.auth import FLEET_KEY_MISSING
 from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_process_name
 from uploader.config import get_settings
@@ -96,6 +97,7 @@ class _Incarnation:
     heartbeat: Heartbeat | None = None
     recovery: Any = None
     notifier: Any = None
+    metrics_server: Any = None
 
 
 incarnation = _Incarnation()
@@ -121,6 +123,13 @@ def refuse_to_start_without_a_fleet_key(**_: Any) -> None:
         raise SystemExit(7)  # uploader.cli.ExitCode.MISCONFIGURED
 
 
+@celeryd_init.connect
+def turn_metrics_on(**_: Any) -> None:
+    """With ``UPLOADER_METRICS_PORT``, count what this worker does (uploader/metrics.py): before
+    the pool starts, so that a prefork pool's processes count into the same figures."""
+    metrics.install(settings)
+
+
 @celeryd_after_setup.connect
 def name_incarnation(sender: str = "", instance: Any = None, **_: Any) -> None:
     """Name this start of the worker, before its prefork pool processes fork (they inherit it),
@@ -141,10 +150,13 @@ def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
     fleet's recovery (one worker at a time leads it: see uploader.maintenance)."""
     from uploader.maintenance import RecoveryLoop
     from uploader.notify.notifier import NotifierLoop
+    from workers.figures import fleet_figures
     from workers.tasks import dispatch, forget_chords
 
     name = lease_holder(sender.hostname)
     ctx = default_context()
+    if metrics.enabled():
+        incarnation.metrics_server = metrics.serve(settings, lambda: fleet_figures(app))
     incarnation.heartbeat = Heartbeat(
         ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True, host=settings.host_name
     )
@@ -184,6 +196,12 @@ def start_pool_process_heartbeat(sender: Any = None, **_: Any) -> None:
     incarnation.pool_process = holder
 
 
+@worker_process_shutdown.connect
+def forget_pool_process_figures(pid: int | None = None, **_: Any) -> None:
+    """A prefork pool process exits: the parts it was sending no longer count as in flight."""
+    metrics.process_exited(pid or os.getpid())
+
+
 @worker_shutdown.connect
 def stop_heartbeat_and_recovery(**_: Any) -> None:
     if incarnation.notifier is not None:
@@ -194,3 +212,6 @@ def stop_heartbeat_and_recovery(**_: Any) -> None:
         # Celery's warm shutdown has finished the running tasks by now: nothing of this
         # incarnation holds a lease any more, so its name can go at once.
         incarnation.heartbeat.stop(retire=True)
+    if incarnation.metrics_server is not None:
+        incarnation.metrics_server.shutdown()
+        metrics.remove()

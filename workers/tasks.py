@@ -13,7 +13,7 @@ from celery.utils import uuid
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from uploader import auth, completion, contract, limits, maintenance, priority, transfer
+from uploader import auth, completion, contract, limits, maintenance, metrics, priority, transfer
 from uploader.batch.coordinator import Batches, PageVerdict
 from uploader.checkpoint.store import part_lease_owner
 from uploader.context import default_context
@@ -133,6 +133,7 @@ def _retry_put(upload_id: str, generation: int, token: str, exc: TransientStoreE
     its own retries), under ``token``, the completion lease its sender holds; a host-local
     upload's on its host."""
     log.warning("upload %s: PutObject: %s; retrying as a task", upload_id, exc)
+    metrics.retried("put_object", exc)
     record = default_context().checkpoint.get(upload_id)  # (a rare path: one more read is cheap)
     send(put_object, upload_id=upload_id, generation=generation, task_id=token, countdown=1,
          **on_host(record.host if record is not None else ""))
@@ -169,6 +170,7 @@ def _retry_or_fail(
     countdown = get_exponential_backoff_interval(
         factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
     )
+    metrics.retried(str(task.name).removeprefix("uploader."), exc)
     shown = upload_ids[0] if len(upload_ids) == 1 else f"{upload_ids[0]} and {len(upload_ids) - 1} more"
     log.warning("upload %s: %s: %s; retry %d in %ds", shown, what, exc, retries + 1, countdown)
     raise task.retry(exc=exc, countdown=countdown)

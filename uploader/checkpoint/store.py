@@ -38,8 +38,9 @@ from typing import Any, cast
 import redis
 from redis.backoff import ExponentialBackoff
 
+from uploader import metrics
 from uploader.checkpoint.connection import OutageRetry, redis_client
-from uploader.model import ObjectOptions, PartStart, UploadedPart, UploadRecord, UploadState
+from uploader.model import ObjectOptions, PartStart, UploadedPart, UploadRecord, UploadState, inactive_state
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,9 @@ class RecoveryState:
     indexed_at: float | None = None
     reclaimed: int = 0
     resumed: int = 0
+    #: The uploads needing attention at the last reconcile run, by state, and how many were stalled.
+    states: dict[str, int] = field(default_factory=dict)
+    stalled: int | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> RecoveryState:
@@ -181,6 +185,8 @@ class RecoveryState:
             indexed_at=when("indexed_at"),
             reclaimed=int(raw.get("reclaimed") or 0),
             resumed=int(raw.get("resumed") or 0),
+            states={str(k): int(v) for k, v in json.loads(raw.get("states") or "{}").items()},
+            stalled=int(raw["stalled"]) if raw.get("stalled") else None,
         )
 
 
@@ -501,7 +507,9 @@ class CheckpointStore:
         pipe = self.redis.pipeline(transaction=False)
         for upload_id, fields in claims:
             self._claim_call(upload_id, {**fields, "state": UploadState.UPLOADING.value, "mpu_id": ""}, "", 0, pipe)
-        return [answer[0] == "created" for answer in pipe.execute()]
+        created = [answer[0] == "created" for answer in pipe.execute()]
+        metrics.upload_started("single", sum(created))
+        return created
 
     def _claim_call(self, upload_id: str, fields: dict[str, Any], token: str, lease_seconds: float, client: Any = None) -> Any:
         args: list[Any] = [upload_id, time.time(), token, lease_seconds]
@@ -518,6 +526,7 @@ class CheckpointStore:
         result = self._claim_call(upload_id, fields, token, lease_seconds)
         if result[0] != "created":
             return False, result[1]
+        metrics.upload_started(str(fields.get("mode", "multipart")))
         if not token:
             return True, UploadState.CREATING
         flat = result[1]
@@ -670,7 +679,9 @@ class CheckpointStore:
         return [str(answer) for answer in pipe.execute()]
 
     def mark_completed(self, upload_id: str, token: str, retention: int, fields: dict[str, Any]) -> str:
-        return self._mark_completed_call(upload_id, token, retention, fields)
+        answer = str(self._mark_completed_call(upload_id, token, retention, fields))
+        metrics.upload_finished(UploadState.COMPLETED, answer == "ok")
+        return answer
 
     def mark_many_completed(self, completions: list[tuple[str, str, dict[str, Any]]], retention: int) -> list[str]:
         """``mark_completed`` of each ``(upload_id, token, fields)``, in one round trip; the
@@ -678,7 +689,9 @@ class CheckpointStore:
         pipe = self.redis.pipeline(transaction=False)
         for upload_id, token, fields in completions:
             self._mark_completed_call(upload_id, token, retention, fields, pipe)
-        return [str(answer) for answer in pipe.execute()]
+        answers = [str(answer) for answer in pipe.execute()]
+        metrics.upload_finished(UploadState.COMPLETED, answers.count("ok"))
+        return answers
 
     def _mark_completed_call(
         self, upload_id: str, token: str, retention: int, fields: dict[str, Any], client: Any = None
@@ -698,11 +711,13 @@ class CheckpointStore:
         ``auto_resumes`` > 0 marks a transient failure: the reconciler may resume the upload by
         itself up to that many times in all, the first after ``backoff`` seconds, doubling each
         time up to :data:`AUTO_RESUME_MAX_WAIT` (see ``retry_at`` in the record)."""
-        return self._run(
+        previous = str(self._run(
             "mark_failed",
             [self.record_key(upload_id), *self._attention_keys(), self.outbox_key],
             [reason[:MAX_ERROR_CHARS], time.time(), generation, auto_resumes, backoff, AUTO_RESUME_MAX_WAIT],
-        )
+        ))
+        metrics.upload_finished(UploadState.FAILED, inactive_state(previous) is None)
+        return previous
 
     def note_error(self, upload_id: str, message: str) -> bool:
         """Record ``message`` as the upload's error (no state change); a failed upload is then
@@ -724,9 +739,11 @@ class CheckpointStore:
         )
 
     def cancel(self, upload_id: str, retention: int) -> str:
-        return self._run(
+        answer = str(self._run(
             "cancel_upload", [*self._keys(upload_id), *self._attention_keys(), self.outbox_key], [time.time(), retention]
-        )
+        ))
+        metrics.upload_finished(UploadState.CANCELLED, answer == UploadState.CANCELLED)
+        return answer
 
     def reopen(self, upload_id: str, mpu_id: str) -> int | str:
         """The new dispatch generation, or the state (or ``"fenced"``) that forbade reopening."""

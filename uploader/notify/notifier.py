@@ -16,6 +16,7 @@ import uuid
 
 import redis
 
+from uploader import metrics
 from uploader.checkpoint.outbox import Channel, ClaimedEvent, Outbox, Settlement
 from uploader.context import UploaderContext
 from uploader.notify import task, template, webhook
@@ -100,6 +101,7 @@ class Notifier:
             event.event_id, token, outcome, status=attempt.status, error=attempt.error, next_attempt=next_at,
             keep_seconds=settings.retention_seconds,
         )
+        metrics.callback_delivery(event.channel.value, outcome.value)
         level = logging.INFO if outcome is Settlement.DELIVERED else logging.WARNING
         log.log(level, "upload %s: %s notification (%s) attempt %d: %s%s", event.upload_id, event.channel.value,
                 event.kind, event.attempt, outcome.value, f" ({attempt.error})" if attempt.error else "")
