@@ -4,15 +4,23 @@ no longer appear in Flower as workers of their own."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import promql_parser
 import pytest
+import yaml
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, listen_for_events
 from uploader.dev.localstack import free_port, wait_until
+from uploader.metrics import FLEET_FAMILIES
 from uploader.planner import MiB
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -132,3 +140,82 @@ def test_clients_send_no_task_sent_events(make_stack) -> None:  # type: ignore[n
     assert {e.get("hostname") for e in events} == workers
     assert not [e for e in events if e.get("type") == "task-sent" and e.get("hostname") not in workers]
     thread.join(1)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The suffixes Prometheus samples add to a family's name.
+SUFFIXES = ("", "_total", "_bucket", "_sum", "_count", "_created")
+
+
+def exported_families() -> set[str]:
+    """Every family a worker can export: its instruments (made in a fresh process, as a worker
+    makes them) and the fleet's figures."""
+    script = (
+        "from prometheus_client import REGISTRY\n"
+        "from uploader import metrics\n"
+        "metrics._Instruments()\n"
+        "print('\\n'.join(f.name for f in REGISTRY.collect()))\n"
+    )
+    names = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    return {n for n in names if n.startswith("uploader_")} | {f"uploader_{n}" for n in FLEET_FAMILIES}
+
+
+def named_metrics(expr: str) -> set[str]:
+    return set(re.findall(r"\buploader_[a-z0-9_]+", expr))
+
+
+def check_names(where: str, expr: str, families: set[str]) -> None:
+    promql_parser.parse(expr.replace("$__rate_interval", "5m"))  # raises on a syntax error
+    for name in named_metrics(expr):
+        assert any(name == f + suffix for f in families for suffix in SUFFIXES), f"{where}: {name} is not exported"
+
+
+def test_alert_rules_parse_and_name_only_exported_metrics() -> None:
+    families = exported_families()
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yaml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert {r["alert"] for r in alerts} >= {
+        "UploaderNoLiveWorkers", "UploaderUploadsStalled", "UploaderFailureRateHigh", "UploaderRecoveryNotRunning",
+        "UploaderQueueGrowing",
+    }
+    for rule in alerts:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        check_names(rule["alert"], rule["expr"], families)
+        assert named_metrics(rule["expr"]), f"{rule['alert']} names no metric of ours"
+
+
+def test_grafana_dashboard_is_valid_and_names_only_exported_metrics() -> None:
+    families = exported_families()
+    dashboard = json.loads((ROOT / "deploy/grafana/uploader-dashboard.json").read_text())
+    panels = dashboard["panels"]
+    assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+        mine = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not cells & mine, f"panel {panel['title']} overlaps another"
+        cells |= mine
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            check_names(panel["title"], target["expr"], families)
+    shown = set().union(*(named_metrics(t["expr"]) for p in panels for t in p["targets"]))
+    # Every fleet figure and every instrument shows somewhere (by family).
+    for family in families - {"uploader_fleet_figures_up", "uploader_messages_unacked",
+                              "uploader_janitor_last_run_timestamp_seconds"}:
+        assert any(name in (family + s for s in SUFFIXES) for name in shown), f"{family} is on no panel"
+
+
+def test_every_scraped_family_is_a_known_one(make_stack) -> None:  # type: ignore[no-untyped-def]
+    stack: Stack = make_stack()
+    port = free_port()
+    stack.start_worker("families", concurrency=2, UPLOADER_METRICS_PORT=str(port))
+    bucket = stack.new_bucket()
+    stack.uploader.submit(str(stack.make_file(1000)), f"s3://{bucket}/a.bin").wait(timeout=60)
+    text, _ = scrape(port)
+    scraped = {f.name for f in text_string_to_metric_families(text)}
+    assert scraped <= exported_families() and "uploader_uploads_finished" in scraped

@@ -64,6 +64,22 @@ class FleetFigures:
     janitor_last_run: float | None = None
 
 
+#: The fleet's figures (gauges read at each scrape, ``uploader_<name>``) and what each says.
+FLEET_FAMILIES = {
+    "fleet_figures_up": "Whether the fleet's figures could be read from Redis and the broker at this scrape",
+    "uploads_active": "Uploads needing the fleet's attention, by state, at the recovery leader's last run "
+                      "(failed: with an automatic resume to come)",
+    "uploads_stalled": "Active uploads without progress for UPLOADER_STALL_SECONDS at the last recovery run",
+    "workers_alive": "Worker processes whose heartbeat is alive",
+    "messages_queued": "Messages waiting in each queue",
+    "messages_unacked": "Messages delivered to workers and not yet acknowledged (being worked on)",
+    "parts_queued": "Part messages waiting, plus every message being worked on (an autoscaler must not see a "
+                    "busy fleet as idle)",
+    "recovery_last_run_timestamp_seconds": "When the reconciler last ran (unix time)",
+    "janitor_last_run_timestamp_seconds": "When the janitor last ran (unix time)",
+}
+
+
 class _Instruments:
     """The instruments, created by :func:`install` once the multiprocess directory is set."""
 
@@ -276,36 +292,29 @@ class _FleetCollector:
         except Exception as exc:  # noqa: BLE001  (Redis or the broker away: say so, keep the rest)
             log.warning("metrics: the fleet's figures could not be read: %s", exc)
             figures, up = FleetFigures(), 0
-        yield GaugeMetricFamily(f"{NAMESPACE}_fleet_figures_up", "Whether the fleet's figures below could be read "
-                                "from Redis and the broker at this scrape", value=up)
-        states = GaugeMetricFamily(
-            f"{NAMESPACE}_uploads_active", "Uploads needing the fleet's attention, by state, at the recovery "
-            "leader's last run (failed: with an automatic resume to come)", labels=["state"],
-        )
+
+        def family(name: str, value: float | None = None, labels: list[str] | None = None) -> Any:
+            return GaugeMetricFamily(f"{NAMESPACE}_{name}", FLEET_FAMILIES[name], value=value, labels=labels)
+
+        yield family("fleet_figures_up", up)
+        states = family("uploads_active", labels=["state"])
         for state, count in sorted(figures.states.items()):
             states.add_metric([state], count)
         yield states
-        optional = [
-            ("uploads_stalled", "Active uploads without progress for UPLOADER_STALL_SECONDS at the last recovery run",
-             figures.stalled),
-            ("workers_alive", "Worker processes whose heartbeat is alive", figures.workers_alive),
-            ("messages_unacked", "Messages delivered to workers and not yet acknowledged (being worked on)",
-             figures.unacked),
-            ("recovery_last_run_timestamp_seconds", "When the reconciler last ran (unix time)", figures.recovery_last_run),
-            ("janitor_last_run_timestamp_seconds", "When the janitor last ran (unix time)", figures.janitor_last_run),
-        ]
-        for name, text, value in optional:
+        optional = {
+            "uploads_stalled": figures.stalled, "workers_alive": figures.workers_alive,
+            "messages_unacked": figures.unacked, "recovery_last_run_timestamp_seconds": figures.recovery_last_run,
+            "janitor_last_run_timestamp_seconds": figures.janitor_last_run,
+        }
+        for name, value in optional.items():
             if value is not None:
-                yield GaugeMetricFamily(f"{NAMESPACE}_{name}", text, value=value)
-        queued = GaugeMetricFamily(f"{NAMESPACE}_messages_queued", "Messages waiting in each queue", labels=["queue"])
+                yield family(name, value)
+        queued = family("messages_queued", labels=["queue"])
         for queue, count in sorted(figures.queued.items()):
             queued.add_metric([queue], count)
         yield queued
         parts = sum(count for queue, count in figures.queued.items() if queue.startswith("uploader.parts"))
-        yield GaugeMetricFamily(
-            f"{NAMESPACE}_parts_queued", "Part messages waiting, plus every message being worked on (an autoscaler "
-            "must not see a busy fleet as idle)", value=parts + (figures.unacked or 0),
-        )
+        yield family("parts_queued", parts + (figures.unacked or 0))
 
     def _forget_dead_processes(self) -> None:
         """Pool processes killed without a clean exit still have in-flight figures on file:
