@@ -4,20 +4,41 @@
     up = Uploader.from_env()
     handle = up.submit("/data/big.bin", "s3://bucket/key")
     handle.wait(timeout=3600)
+
+The names below are imported when first used (PEP 562), so that importing a submodule (the CLI
+for ``--help``, a worker's modules) does not load the client, Celery and Redis with it.
 """
 
-from uploader.client import Uploader, UploadHandle, UploadStatus
-from uploader.errors import (
-    InvalidRequest,
-    NotAuthorized,
-    SourceChanged,
-    SourceError,
-    UploadCancelled,
-    UploadConflict,
-    UploaderError,
-    UploadFailed,
-    UploadNotFound,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from uploader.client import Uploader, UploadHandle, UploadStatus
+    from uploader.errors import (
+        InvalidRequest,
+        NotAuthorized,
+        SourceChanged,
+        SourceError,
+        UploadCancelled,
+        UploadConflict,
+        UploaderError,
+        UploadFailed,
+        UploadNotFound,
+    )
+
+#: Where each public name lives.
+_HOMES = {
+    "Uploader": "uploader.client",
+    "UploadHandle": "uploader.client",
+    "UploadStatus": "uploader.client",
+    **dict.fromkeys(
+        ("UploaderError", "InvalidRequest", "SourceError", "SourceChanged", "UploadNotFound", "UploadConflict",
+         "UploadFailed", "UploadCancelled", "NotAuthorized"),
+        "uploader.errors",
+    ),
+}
 
 __all__ = [
     "Uploader",
@@ -33,3 +54,12 @@ __all__ = [
     "UploadCancelled",
     "NotAuthorized",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'uploader' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -14,17 +14,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from uploader import logsafe
-from uploader.auth import FLEET_KEY_MISSING
-from uploader.client import Uploader, UploadStatus
 from uploader.errors import (
     InvalidRequest,
     Misconfigured,
@@ -43,9 +37,54 @@ from uploader.errors import (
     UploadRefused,
 )
 from uploader.planner import format_size, parse_size
-from uploader.request import check_upload_id
 
-console = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from uploader.client import Uploader, UploadStatus
+
+# What the commands need is imported when a command runs, not here: `uploader --help` and a
+# usage error load click and little else (no pydantic, rich, Celery, Redis or boto3).
+
+
+class _Console:
+    """rich's console on stderr, made at its first use."""
+
+    _real: Console | None = None
+
+    def real(self) -> Console:
+        if _Console._real is None:
+            from rich.console import Console
+
+            _Console._real = Console(stderr=True)
+        return _Console._real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+
+console = _Console()
+
+
+def escape(text: str) -> str:
+    """``text`` with rich's markup characters escaped."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def _print(renderable: Any) -> None:
+    """Print ``renderable`` (a table) on stdout."""
+    from rich.console import Console
+
+    Console().print(renderable)
+
+
+def _table(*columns: str, **options: Any) -> Table:
+    from rich.table import Table
+
+    return Table(*columns, **options)
 
 
 class ExitCode(enum.IntEnum):
@@ -115,6 +154,8 @@ def _fail(message: str, code: ExitCode) -> None:
 def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pydantic import ValidationError
+
         try:
             return func(*args, **kwargs)
         except (UploaderError, TimeoutError) as exc:
@@ -131,7 +172,7 @@ def _friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def settings_problems(exc: ValidationError) -> str:
+def settings_problems(exc: Any) -> str:
     """The problems of invalid settings on one line, each under its variable's name."""
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
@@ -143,6 +184,7 @@ def settings_problems(exc: ValidationError) -> str:
 
 def _uploader() -> Uploader:
     from uploader.capabilities import CapabilityStore, default_directory
+    from uploader.client import Uploader
     from uploader.config import get_settings
 
     # The CLI keeps the capability tokens of what it submits on disk: `cancel` and `resume`
@@ -184,6 +226,8 @@ MAX_LISTED = 100_000
 
 
 def _upload_id(_: click.Context, __: click.Parameter, value: str) -> str:
+    from uploader.request import check_upload_id
+
     try:
         check_upload_id(value)
     except InvalidRequest as exc:
@@ -394,7 +438,7 @@ def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = No
     from uploader.progress import show_progress
 
     try:
-        last = show_progress(up.watch(upload_id, timeout=timeout, start=start), console)
+        last = show_progress(up.watch(upload_id, timeout=timeout, start=start), console.real())
     except KeyboardInterrupt:
         _fail(
             f"interrupted: upload {upload_id} goes on without you; watch it with `uploader watch {upload_id}` "
@@ -433,10 +477,10 @@ def status(upload_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
         return
-    table = Table(show_header=False, box=None)
+    table = _table(show_header=False, box=None)
     for name, value in _status_rows(st):
         table.add_row(f"[bold]{name}", value)
-    Console().print(table)
+    _print(table)
 
 
 def _status_rows(st: UploadStatus) -> list[tuple[str, str]]:
@@ -536,10 +580,10 @@ def list_(limit: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([u.to_dict() for u in uploads], indent=2))
         return
-    table = Table("upload id", "state", "parts", "size", "destination", "error")
+    table = _table("upload id", "state", "parts", "size", "destination", "error")
     for u in uploads:
         table.add_row(u.upload_id, u.state, f"{u.parts_done}/{u.part_count}", format_size(u.size), f"s3://{u.bucket}/{u.key}", u.error[:60])
-    Console().print(table)
+    _print(table)
 
 
 @main.command()
@@ -597,6 +641,7 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglev
     Every worker also takes part in recovery (sending again the parts of dead workers, resuming
     stalled uploads, the janitor): one at a time across the fleet leads it, no scheduler needed.
     Extra arguments are passed to `celery worker`."""
+    from uploader.auth import FLEET_KEY_MISSING
     from uploader.config import get_settings
     from workers.command import worker_argv
 
@@ -625,10 +670,10 @@ def gc(dry_run: bool) -> None:
     """Abort the multipart uploads of abandoned uploads (failed, cancelled or stalled longer than
     UPLOADER_ABANDON_SECONDS) and forget them. Never touches uploads this system did not start."""
     actions = _uploader().janitor(dry_run=dry_run)
-    table = Table("upload id", "state", "destination", "multipart upload", "why", title="would remove" if dry_run else "removed")
+    table = _table("upload id", "state", "destination", "multipart upload", "why", title="would remove" if dry_run else "removed")
     for a in actions:
         table.add_row(a["upload_id"], a["state"], f"s3://{a['bucket']}/{a['key']}", a["mpu_id"] or "-", a["reason"])
-    Console().print(table)
+    _print(table)
     click.echo(f"{len(actions)} upload(s) {'to remove' if dry_run else 'removed'}")
 
 
@@ -674,12 +719,12 @@ def deadletter_list(limit: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
-    table = Table("when", "queue", "task", "task id", "reason")
+    table = _table("when", "queue", "task", "task id", "reason")
     for e in entries:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("at") or 0))
         cells = (printable(e.get(k) or "-", 120) for k in ("queue", "task", "task_id", "reason"))
         table.add_row(when, *(escape(c) for c in cells))
-    Console().print(table)
+    _print(table)
     click.echo(f"{len(entries)} shown of {total} quarantined message(s)")
 
 
