@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.rig import Rig
+from bench.startup import markdown as startup_markdown
 
 MiB = 1 << 20
 
@@ -273,6 +274,7 @@ def markdown(results: dict[str, Any]) -> str:
         add("")
 
     small_many_markdown(sc.get("small_many"), add)
+    startup_markdown(sc.get("startup"), add)
 
     res = sc.get("resume")
     if res:

@@ -9,12 +9,26 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import bandwidth, checksum, fairness, fanout, large, memory, profile, report, resume, retention, scaling, small
+from bench import (
+    bandwidth,
+    checksum,
+    fairness,
+    fanout,
+    large,
+    memory,
+    profile,
+    report,
+    resume,
+    retention,
+    scaling,
+    small,
+    startup,
+)
 from bench.rig import Rig
 from uploader.planner import MiB, parse_size
 
 SCENARIOS = ("large", "profile", "small", "resume", "fanout", "memory", "scaling", "retention", "checksum", "fairness",
-             "bandwidth")
+             "bandwidth", "startup")
 
 
 def log(message: str) -> None:
@@ -197,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                 _guard(results, "fairness", lambda: fairness.run(
                     rig, samples=3 if args.quick else 7, timeout=30, big_rate=fairness.BIG_RATE, log=log,
                 ))
+            if "startup" in args.scenarios:
+                log("command-line start-up:")
+                _guard(results, "startup", lambda: startup.run(rig, repeats=5 if args.quick else 15, log=log))
             if "bandwidth" in args.scenarios:
                 log("fleet-wide max_bandwidth: one upload, 4 workers, 8 MiB/s:")
                 _guard(results, "bandwidth", lambda: bandwidth.run(
