@@ -88,3 +88,33 @@ def test_cli_submit_wait_status_and_clear_errors(stack: Stack) -> None:
         assert result.returncode == code, (args, result.stdout, result.stderr)
         assert words in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+HEAVY = ("boto3", "botocore", "s3transfer", "celery", "kombu", "awscrt", "urllib3")
+
+
+def _modules_after(stack: Stack, *args: str) -> set[str]:
+    """The top-level packages loaded by ``uploader <args>`` run in a fresh interpreter."""
+    script = (
+        "import sys\n"
+        f"sys.argv = ['uploader', *{list(args)!r}]\n"
+        "from uploader.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **stack.env})
+    return set(done.stdout.split())
+
+
+def test_the_cli_loads_only_what_a_command_needs(stack: Stack) -> None:
+    """``--help`` and a usage error load click and little else; ``status`` reads Redis without
+    Celery, kombu, boto3 or the CRT (the start-up times are measured by ``python -m bench
+    --scenarios startup``)."""
+    for args in (["--help"], ["status", "--help"], ["status", "not an id!"]):
+        loaded = _modules_after(stack, *args)
+        assert "click" in loaded and "uploader" in loaded
+        assert not loaded & {*HEAVY, "redis", "pydantic", "pydantic_settings", "rich"}, (args, loaded)
+    loaded = _modules_after(stack, "status", "0123456789abcdef0123")
+    assert "redis" in loaded  # it did read Redis
+    assert not loaded & set(HEAVY), loaded

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from uploader.request import valid_upload_id
+from uploader.ids import valid_upload_id
 
 #: Seconds after which a kept token is deleted (the default checkpoint retention is 7 days).
 PRUNE_AFTER = 30 * 24 * 3600

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anycrc
-from awscrt import checksums as crt
 
 Buffer = bytes | bytearray | memoryview
 
@@ -83,16 +82,29 @@ Algorithm = ChecksumAlgorithm | Literal["crc32", "md5", "crc64ecma"]
 #: The :data:`Algorithm` name of OSS's CRC-64/ECMA (see :func:`crc64ecma`).
 CRC64ECMA: Literal["crc64ecma"] = "crc64ecma"
 
+def _crt(name: str) -> Callable[..., int]:
+    """awscrt's ``checksums.<name>``, imported at its first call (a client that never computes
+    a CRC32C does not load the CRT)."""
+
+    def call(*args: Any) -> int:
+        from awscrt import checksums
+
+        return int(getattr(checksums, name)(*args))
+
+    call.__name__ = name
+    return call
+
+
 _WIDTH = {ChecksumAlgorithm.CRC32: 4, ChecksumAlgorithm.CRC32C: 4, ChecksumAlgorithm.CRC64NVME: 8}
 _CRC: dict[ChecksumAlgorithm, Callable[[Buffer, int], int]] = {
     ChecksumAlgorithm.CRC32: zlib.crc32,
-    ChecksumAlgorithm.CRC32C: crt.crc32c,
-    ChecksumAlgorithm.CRC64NVME: crt.crc64nvme,
+    ChecksumAlgorithm.CRC32C: _crt("crc32c"),
+    ChecksumAlgorithm.CRC64NVME: _crt("crc64nvme"),
 }
 _COMBINE: dict[ChecksumAlgorithm, Callable[[int, int, int], int]] = {
-    ChecksumAlgorithm.CRC32: crt.combine_crc32,
-    ChecksumAlgorithm.CRC32C: crt.combine_crc32c,
-    ChecksumAlgorithm.CRC64NVME: crt.combine_crc64nvme,
+    ChecksumAlgorithm.CRC32: _crt("combine_crc32"),
+    ChecksumAlgorithm.CRC32C: _crt("combine_crc32c"),
+    ChecksumAlgorithm.CRC64NVME: _crt("combine_crc64nvme"),
 }
 _HASH = {ChecksumAlgorithm.SHA1: "sha1", ChecksumAlgorithm.SHA256: "sha256", ChecksumAlgorithm.MD5: "md5"}
 

@@ -226,7 +226,7 @@ MAX_LISTED = 100_000
 
 
 def _upload_id(_: click.Context, __: click.Parameter, value: str) -> str:
-    from uploader.request import check_upload_id
+    from uploader.ids import check_upload_id
 
     try:
         check_upload_id(value)

@@ -7,6 +7,7 @@ worker is busy.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,10 +15,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeoutError
-from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
 
 from uploader import auth, contract, locality, signing
 from uploader.auth import Capability
@@ -38,12 +35,15 @@ from uploader.errors import (
     UploadRefused,
     error_classes,
 )
+from uploader.ids import check_upload_id
 from uploader.model import UploadState, UploadSummary
 from uploader.priority import message_priority
 from uploader.redis_tls import explain_connection_error
-from uploader.request import check_upload_id, parse_request
 
 if TYPE_CHECKING:
+    from celery import Celery
+    from celery.result import AsyncResult
+
     from uploader.batch.status import BatchStatus
 
 #: Seconds between checkpoint polls while waiting: the first polls come quickly (a small upload
@@ -106,20 +106,46 @@ class UploadStatus(UploadSummary):
         return {**asdict(self), "result": result.to_dict() if result else None}
 
 
-class _ClientCelery(Celery):
-    """The client's Celery app, which subscribes to a task's result only when someone waits for it.
+def _client_celery(settings: Settings, interactive: bool) -> Celery:
+    """The client's Celery app (made when the client first sends a task or reads a result:
+    ``status``, ``list`` and ``watch`` need only Redis, and start without Celery)."""
+    from celery import Celery
 
-    Celery's Redis result backend subscribes to a task's result channel as the task is sent
-    (``on_task_call``): a round trip in every ``submit``, and a subscription held for as long as
-    the handle lives, whether or not anyone ever asks for the result. ``AsyncResult.get``
-    subscribes by itself and then reads the stored result, so a result that came first is not
-    missed: subscribing there is enough."""
+    class ClientCelery(Celery):
+        """Subscribes to a task's result only when someone waits for it.
 
-    def _get_backend(self) -> Any:
-        backend = super()._get_backend()
-        if hasattr(backend, "result_consumer"):  # the asynchronous (pub/sub) backends
-            backend.on_task_call = _subscribe_when_waited_for
-        return backend
+        Celery's Redis result backend subscribes to a task's result channel as the task is sent
+        (``on_task_call``): a round trip in every ``submit``, and a subscription held for as long
+        as the handle lives, whether or not anyone ever asks for the result. ``AsyncResult.get``
+        subscribes by itself and then reads the stored result, so a result that came first is
+        not missed: subscribing there is enough."""
+
+        def _get_backend(self) -> Any:
+            backend = super()._get_backend()
+            if hasattr(backend, "result_consumer"):  # the asynchronous (pub/sub) backends
+                backend.on_task_call = _subscribe_when_waited_for
+            return backend
+
+    app = ClientCelery("uploader-client", set_as_current=False)
+    app.conf.update(contract.celery_config(settings))
+    # Publish by queue name only: the workers declare the queues (clients' Redis user may not).
+    app.conf.update(task_queues=contract.task_queues(declare=False, max_priority=settings.queue_max_priority, lanes=settings.part_lanes))
+    # No task-sent events from clients: each process would appear in Flower (and in its
+    # metrics' ``worker`` label) as a worker of its own, ``gen<pid>@host``, one more per CLI
+    # call. Flower learns of a submitted task when a worker receives it.
+    app.conf.update(task_send_sent_event=False)
+    # Message signing, if the deployment turned it on: every message this client sends is signed.
+    signing.enable(app, settings)
+    if interactive:
+        app.conf.update(
+            broker_connection_timeout=INTERACTIVE_TIMEOUT,
+            broker_connection_retry=False,
+            broker_connection_max_retries=1,
+            task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
+            redis_socket_connect_timeout=INTERACTIVE_TIMEOUT,
+            redis_socket_timeout=INTERACTIVE_TIMEOUT,
+        )
+    return app
 
 
 def _subscribe_when_waited_for(producer: Any, task_id: str) -> None:
@@ -142,30 +168,16 @@ class Uploader:
         self.settings = settings
         self.interactive = interactive
         self.capabilities = capabilities or CapabilityStore()
-        self.celery = _ClientCelery("uploader-client", set_as_current=False)
-        self.celery.conf.update(contract.celery_config(settings))
-        # Publish by queue name only: the workers declare the queues (clients' Redis user may not).
-        self.celery.conf.update(task_queues=contract.task_queues(declare=False, max_priority=self.settings.queue_max_priority, lanes=self.settings.part_lanes))
-        # No task-sent events from clients: each process would appear in Flower (and in its
-        # metrics' ``worker`` label) as a worker of its own, ``gen<pid>@host``, one more per CLI
-        # call. Flower learns of a submitted task when a worker receives it.
-        self.celery.conf.update(task_send_sent_event=False)
-        # Message signing, if the deployment turned it on: every message this client sends is signed.
-        signing.enable(self.celery, settings)
-        if interactive:
-            self.celery.conf.update(
-                broker_connection_timeout=INTERACTIVE_TIMEOUT,
-                broker_connection_retry=False,
-                broker_connection_max_retries=1,
-                task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
-                redis_socket_connect_timeout=INTERACTIVE_TIMEOUT,
-                redis_socket_timeout=INTERACTIVE_TIMEOUT,
-            )
         self.checkpoint = CheckpointStore.from_settings(
             settings,
             reconnect_attempts=1 if interactive else None,
             timeout=INTERACTIVE_TIMEOUT if interactive else None,
         )
+
+    @functools.cached_property
+    def celery(self) -> Celery:
+        """The Celery app this client sends tasks with (made at first use)."""
+        return _client_celery(self.settings, self.interactive)
 
     @classmethod
     def from_env(cls, *, interactive: bool = False, capabilities: CapabilityStore | None = None) -> Uploader:
@@ -176,13 +188,17 @@ class Uploader:
         """Redis and broker errors as :class:`Unreachable`, with the setting that names them."""
         try:
             yield
-        except OperationalError as exc:
-            raise Unreachable(self._unreachable(exc, self.settings.broker_url, "the broker", "UPLOADER_BROKER_URL")) from None
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError) as exc:
             setting = "UPLOADER_CHECKPOINT_URL" if self.settings.checkpoint_url else "UPLOADER_BROKER_URL"
             raise Unreachable(self._unreachable(exc, self.settings.effective_checkpoint_url, "Redis", setting)) from None
         except redis.AuthenticationError as exc:
             raise Unreachable(f"Redis refused the credentials in the URL (UPLOADER_BROKER_URL / UPLOADER_CHECKPOINT_URL): {_first_line(exc)}") from None
+        except Exception as exc:
+            from kombu.exceptions import OperationalError  # (loaded with Celery, when a task was sent)
+
+            if isinstance(exc, OperationalError):
+                raise Unreachable(self._unreachable(exc, self.settings.broker_url, "the broker", "UPLOADER_BROKER_URL")) from None
+            raise
 
     def _unreachable(self, exc: BaseException, url: str, what: str, setting: str) -> str:
         """One line: what could not be reached, why, and (for TLS) which setting to fix."""
@@ -190,7 +206,8 @@ class Uploader:
         return f"cannot reach {what} at {redact_url(url)} ({setting}): " + (hint or _first_line(exc))
 
     def close(self) -> None:
-        self.celery.close()
+        if "celery" in self.__dict__:
+            self.celery.close()
         self.checkpoint.redis.close()
 
     # -- commands ------------------------------------------------------------------------------
@@ -291,6 +308,8 @@ class Uploader:
         # Submitting an upload id again (an idempotent retry) must carry the same capability.
         kept = self.capabilities.load(options["upload_id"]) if options.get("upload_id") else None
         capability = Capability.of(kept) if kept else Capability.new()
+        from uploader.request import parse_request  # (the request model: loaded by the first submit)
+
         request = parse_request(
             {"source": source, "bucket": bucket, "key": key, "capability": capability.digest, **options}
         )
@@ -706,6 +725,8 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 def _task_outcome(result: AsyncResult, timeout: float) -> Any:
     """The task's return value, or its error as one of our exception classes."""
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+
     try:
         value = result.get(timeout=timeout, propagate=False)
     except CeleryTimeoutError:

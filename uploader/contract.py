@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from kombu import Exchange, Queue
+from typing import TYPE_CHECKING, Any
 
 from uploader import auth, locality, priority, signing
 from uploader.config import Settings
+from uploader.ids import valid_upload_id
+
+if TYPE_CHECKING:
+    from kombu import Queue
 from uploader.planner import MAX_PARTS
 from uploader.redis_tls import celery_tls_config
-from uploader.request import valid_upload_id
 
 #: Starts an upload. kwargs: source, bucket, key, [upload_id, part_size, abort_on_failure,
 #: capability, endpoint, source_endpoint, checksum_algorithm, priority, source_credentials, locality, host (a
@@ -296,6 +297,8 @@ def task_queues(*, declare: bool = True, max_priority: int = 0, lanes: int = 1) 
     ``max_priority`` (``UPLOADER_QUEUE_MAX_PRIORITY``): RabbitMQ's ``x-max-priority`` argument,
     which its queues need to rank messages by priority (0: no arguments, as queues were declared
     before it existed; RabbitMQ refuses to declare an existing queue with other arguments)."""
+    from kombu import Exchange, Queue  # (kombu loads with Celery: a client that only reads status never needs it)
+
     arguments = {"x-max-priority": max_priority} if max_priority else None
     return tuple(
         Queue(name, Exchange(name, type="direct"), routing_key=name, no_declare=not declare, queue_arguments=arguments)
@@ -307,6 +310,8 @@ def host_queue(host: str, *, declare: bool = False, max_priority: int = 0) -> Qu
     """The queue of host ``host``'s workers (uploader/locality.py), as :func:`task_queues`
     declares its queues: a worker declares its own host's (``declare``); a sender publishes to
     any by name."""
+    from kombu import Exchange, Queue
+
     name = locality.host_queue_name(host)
     arguments = {"x-max-priority": max_priority} if max_priority else None
     return Queue(name, Exchange(name, type="direct"), routing_key=name, no_declare=not declare, queue_arguments=arguments)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import uuid
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +16,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from uploader import auth, locality
 from uploader.config import CREDENTIAL_NAME_RE
 from uploader.errors import InvalidRequest
+from uploader.ids import EXCERPT, UPLOAD_ID_RE, check_upload_id, new_upload_id, shown, valid_upload_id
 from uploader.logsafe import escape_controls
 from uploader.model import OPTION_NAMES, ObjectOptions
 from uploader.notify import targets, template
@@ -27,7 +27,6 @@ from uploader.storage import osscallback
 from uploader.storage.endpoints import NAME_RE as _ENDPOINT_NAME_RE
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_KEY_BYTES = 1024
 #: The largest ``max_concurrency`` (S3's part count limit: no upload has more parts than this).
 MAX_CONCURRENCY = 10_000
@@ -40,14 +39,10 @@ MAX_SOURCE_BYTES = 4096
 #: lines and drive terminals wherever the value is shown: status, list, Flower) and unpaired
 #: surrogates (not Unicode text: JSON can carry them, UTF-8, Redis and S3 cannot).
 _UNSAFE_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-#: Characters of a hostile value quoted in a problem, and problems named in one refusal.
-EXCERPT = 64
+#: Problems named in one refusal.
 MAX_PROBLEMS = 5
-
-
-def _shown(value: str) -> str:
-    """A short quoted excerpt of ``value`` for a problem (``repr`` escapes what is unprintable)."""
-    return repr(value[:EXCERPT]) + ("..." if len(value) > EXCERPT else "")
+_shown = shown
+__all__ = ["EXCERPT", "check_upload_id", "new_upload_id", "valid_upload_id"]  # (re-exported from uploader.ids)
 
 
 def _unsafe_character_problem(what: str, value: str) -> str | None:
@@ -308,7 +303,7 @@ class UploadRequest(ObjectOptions):
     @field_validator("upload_id")
     @classmethod
     def _upload_id(cls, value: str | None) -> str | None:
-        if value is not None and not _UPLOAD_ID_RE.fullmatch(value):
+        if value is not None and not UPLOAD_ID_RE.fullmatch(value):
             raise ValueError("upload_id must be 1-128 characters of letters, digits, '.', '_' or '-'")
         return value
 
@@ -375,19 +370,3 @@ def validation_problems(exc: ValidationError) -> list[str]:
     return problems
 
 
-def valid_upload_id(value: str) -> bool:
-    """Whether ``value`` has the shape of an upload id (safe as part of a Redis key)."""
-    return bool(_UPLOAD_ID_RE.fullmatch(value))
-
-
-def check_upload_id(value: Any) -> None:
-    """:class:`InvalidRequest` unless ``value`` has the shape of an upload id (one the caller
-    typed, before it becomes part of a Redis key)."""
-    if not (isinstance(value, str) and valid_upload_id(value)):
-        shown = _shown(value) if isinstance(value, str) else type(value).__name__
-        raise InvalidRequest(f"{shown} is not an upload id: 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
-
-
-def new_upload_id() -> str:
-    """A fresh, unguessable upload id."""
-    return uuid.uuid4().hex

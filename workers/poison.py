@@ -49,7 +49,7 @@ from uploader.checkpoint.deadletter import DeadLetters, make_entry, printable
 from uploader.context import default_context
 from uploader.contract import json_type, named_arguments, task_arguments_problem
 from uploader.errors import MessageQuarantined
-from uploader.request import valid_upload_id
+from uploader.ids import valid_upload_id
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,30 @@ again (never the reverse: a changed file is never skipped). Objects the uploader
 have no fingerprint and are uploaded.
 """
 
-from uploader.batch.request import FINGERPRINT_METADATA, BatchRequest, file_upload_id, parse_batch_request
-from uploader.batch.status import BatchProgress, BatchStatus, batch_status
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from uploader.batch.request import FINGERPRINT_METADATA, BatchRequest, file_upload_id, parse_batch_request
+    from uploader.batch.status import BatchProgress, BatchStatus, batch_status
 
 __all__ = [
     "FINGERPRINT_METADATA", "BatchProgress", "BatchRequest", "BatchStatus", "batch_status", "file_upload_id",
     "parse_batch_request",
 ]
+#: Where each name lives (imported at first use: reading a batch's status needs no request checks).
+_HOMES = {
+    **dict.fromkeys(("FINGERPRINT_METADATA", "BatchRequest", "file_upload_id", "parse_batch_request"), "uploader.batch.request"),
+    **dict.fromkeys(("BatchProgress", "BatchStatus", "batch_status"), "uploader.batch.status"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'uploader.batch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
