@@ -229,7 +229,8 @@ def test_a_client_user_submits_watches_and_waits_for_what_a_worker_user_complete
         assert client.wait(handle.upload_id, timeout=120).state == "completed"
         assert stack.object_sha256(bucket, "big") == sha256_file(big)
         assert handle.upload_id in [s.upload_id for s in client.list()]
-        for args in (["status", handle.upload_id], ["list"], ["watch", handle.upload_id]):
+        for args in (["status", handle.upload_id], ["list"], ["watch", handle.upload_id], ["status", handle.upload_id[:10]],
+                     ["list", "--state", "completed"]):
             result, _ = cli(client_env, *args)
             assert result.returncode == 0, (args, result.stderr)
             assert CLIENT[1] not in result.stdout + result.stderr
@@ -281,6 +282,8 @@ ATTACKS = {
     "rebind an exchange": ("SADD", f"_kombu.binding.{CONTROL_QUEUE}", f"{CONTROL_QUEUE}\x06\x16\x06\x16uploader:upload:victim"),
     "forge a task result": ("SET", "celery-task-meta-victim", '{"status": "SUCCESS"}'),
     "forge a task-succeeded event": ("PUBLISH", "/0.celeryev/task.succeeded", "{}"),
+    # (Clients send no task events: Flower would list each as a worker.)
+    "forge a task-sent event": ("PUBLISH", "/0.celeryev/task.sent", "{}"),
     "list every key": ("KEYS", "*"),
     "scan every key": ("SCAN", "0"),
     "flush the database": ("FLUSHDB",),

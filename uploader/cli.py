@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -75,10 +76,14 @@ def escape(text: str) -> str:
 
 
 def _print(renderable: Any) -> None:
-    """Print ``renderable`` (a table) on stdout."""
+    """Print ``renderable`` (a table) on stdout: to the terminal's width, or, into a file or a
+    pipe, as wide as its rows are (nothing cut or folded for grep and awk)."""
     from rich.console import Console
 
-    Console().print(renderable)
+    out = Console()
+    if not out.is_terminal:
+        out.width = 4096
+    out.print(renderable)
 
 
 def _table(*columns: str, **options: Any) -> Table:
@@ -221,6 +226,8 @@ class Seconds(click.ParamType):
 
 
 SECONDS = Seconds()
+#: The states ``list --state`` takes (uploader.model.UploadState's, not imported for --help).
+LISTED_STATES = ("creating", "uploading", "completing", "completed", "failed", "cancelled")
 #: Most rows a listing shows (Redis takes 64-bit indexes; nobody reads more).
 MAX_LISTED = 100_000
 
@@ -251,6 +258,52 @@ def _pairs(what: str, shape: str) -> Any:
 
 
 _metadata = _pairs("metadata", "NAME=VALUE")
+
+
+class OutputMode(enum.Enum):
+    """What a command prints on stdout: its ordinary text, JSON, or nothing (``--quiet``)."""
+
+    NORMAL = "normal"
+    JSON = "json"
+    QUIET = "quiet"
+
+
+@dataclass(frozen=True)
+class Output:
+    """How a command prints (``--json``, ``--quiet``, ``--no-progress``). Errors always go to
+    stderr, one line each; the exit status says how it ended whatever is printed."""
+
+    mode: OutputMode = OutputMode.NORMAL
+    #: Whether a waiting command shows progress (on stderr).
+    progress: bool = True
+
+    def emit(self, data: Any, text: str) -> None:
+        """``data`` as JSON with ``--json``, ``text`` otherwise, nothing with ``--quiet``."""
+        if self.mode is OutputMode.JSON:
+            click.echo(json.dumps(data, indent=2, default=str))
+        elif self.mode is OutputMode.NORMAL and text:
+            click.echo(text)
+
+
+def _output_options(*, progress: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--json`` and ``--quiet``/``-q`` (and, for a command that can wait, ``--no-progress``),
+    handed to the command as ``output``."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def wrapper(*args: Any, as_json: bool, quiet: bool, no_progress: bool = False, **kwargs: Any) -> Any:
+            if as_json and quiet:
+                raise click.UsageError("--json and --quiet do not go together")
+            mode = OutputMode.JSON if as_json else OutputMode.QUIET if quiet else OutputMode.NORMAL
+            return func(*args, output=Output(mode, progress=mode is OutputMode.NORMAL and not no_progress), **kwargs)
+
+        command = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")(wrapper)
+        command = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors; the exit status says how it ended.")(command)
+        if progress:
+            command = click.option("--no-progress", is_flag=True, help="No progress while waiting, only the final line.")(command)
+        return command
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
@@ -343,20 +396,26 @@ def main(log_level: str) -> None:
     "--accept-timeout", type=SECONDS, default=None,
     help="Seconds to wait for a worker to accept or refuse the request (default UPLOADER_SUBMIT_ACCEPT_TIMEOUT, 15; 0: don't wait).",
 )
+@click.option("--dry-run", is_flag=True, help="Check the request and show what would be uploaded; send nothing.")
+@_output_options(progress=True)
 @_friendly_errors
 def submit(
     source: str, destination: str, wait_: bool, timeout: float | None, accept_timeout: float | None, recursive: bool,
-    include: tuple[str, ...], exclude: tuple[str, ...], skip_unchanged: bool, page_size: int | None, **options: Any,
+    include: tuple[str, ...], exclude: tuple[str, ...], skip_unchanged: bool, page_size: int | None, dry_run: bool,
+    output: Output, **options: Any,
 ) -> None:
-    """Upload SOURCE (an absolute path the workers can read, an http(s):// URL, or an S3 object
-    s3://bucket/key) to DESTINATION (s3://bucket/key); with -r, every file of the directory SOURCE
-    to DESTINATION as a prefix (s3://bucket/prefix/).
+    """Upload SOURCE (a path the workers can read, relative ones taken from here; an http(s):// URL;
+    or an S3 object s3://bucket/key) to DESTINATION (s3://bucket/key; s3://bucket/prefix/ keeps the
+    file's name); with -r, every file of the directory SOURCE to DESTINATION as a prefix.
 
     Prints the upload id (the batch id with -r; on stdout, as soon as the request is sent), then
     waits until a worker accepts the request: a refusal is the reason on stderr and exit status 2
     (``status ID`` says it again for a day)."""
+    if "://" not in source and not os.path.isabs(source):
+        source = os.path.abspath(source)  # a path typed here: from here (the workers share the mount)
     if recursive:
-        _submit_batch(source, destination, wait_, timeout, accept_timeout, include, exclude, skip_unchanged, page_size, options)
+        _submit_batch(source, destination, wait_, timeout, accept_timeout, include, exclude, skip_unchanged, page_size,
+                      options, dry_run, output)
         return
     batch_only = [name for name, given in (("--include", include), ("--exclude", exclude), ("--skip-unchanged", skip_unchanged),
                                            ("--page-size", page_size)) if given]
@@ -365,11 +424,14 @@ def submit(
     if source.endswith("/") or os.path.isdir(source):
         raise InvalidRequest(f"source {source!r} is a directory: add -r (--recursive) to upload its files")
     up = _uploader()
-    if options.get("locality") and not os.path.isabs(source):
-        source = os.path.abspath(source)  # a path on this machine: from here
     # (`is`, not `in (None, False)`: 0 == False, and `--part-size 0` must reach validation.)
-    handle = up.submit(source, destination, **{k: v for k, v in options.items() if v is not None and v is not False})
-    click.echo(handle.upload_id)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    if dry_run:
+        planned = up.check_submission(source, destination, **given)
+        output.emit(planned, f"would upload {planned['source']} to s3://{planned['bucket']}/{planned['key']}")
+        return
+    handle = up.submit(source, destination, **given)
+    output.emit({"upload_id": handle.upload_id}, handle.upload_id)
     wait_accept = up.settings.submit_accept_timeout if accept_timeout is None else accept_timeout
     if wait_accept:
         try:
@@ -384,12 +446,13 @@ def submit(
                 ExitCode.TIMED_OUT,
             )
     if wait_:
-        _follow(up, handle.upload_id, timeout, start=handle.start)
+        _follow(up, handle.upload_id, timeout, start=handle.start, output=output)
 
 
 def _submit_batch(
     source: str, destination: str, wait_: bool, timeout: float | None, accept_timeout: float | None,
     include: tuple[str, ...], exclude: tuple[str, ...], skip_unchanged: bool, page_size: int | None, options: dict[str, Any],
+    dry_run: bool, output: Output,
 ) -> None:
     """``submit -r``: the directory as the workers will read it (a relative one, from here: the
     workers share the mount), one batch."""
@@ -397,12 +460,15 @@ def _submit_batch(
     given = {k: v for k, v in options.items() if v is not None and v is not False}
     if given.get("upload_id"):
         raise InvalidRequest("--upload-id names one upload: a batch has one per file (its id is printed)")
-    directory = source if os.path.isabs(source) else os.path.abspath(source)
+    directory = source.rstrip("/") or "/"
+    if dry_run:
+        _plan_batch(up, directory, destination, include, exclude, page_size, given, output)
+        return
     handle = up.submit_batch(
-        directory.rstrip("/") or "/", destination, include=include, exclude=exclude, skip_unchanged=skip_unchanged,
+        directory, destination, include=include, exclude=exclude, skip_unchanged=skip_unchanged,
         page_size=page_size, **given,
     )
-    click.echo(handle.batch_id)
+    output.emit({"batch_id": handle.batch_id}, handle.batch_id)
     wait_accept = up.settings.submit_accept_timeout if accept_timeout is None else accept_timeout
     if wait_accept:
         try:
@@ -410,12 +476,43 @@ def _submit_batch(
         except TimeoutError:
             _fail(f"batch {handle.batch_id} was not accepted within {wait_accept:g} s: is a worker running?", ExitCode.TIMED_OUT)
     if wait_:
-        _follow_batch(up, handle.batch_id, timeout)
+        _follow_batch(up, handle.batch_id, timeout, output)
 
 
-def _follow_batch(up: Uploader, batch_id: str, timeout: float | None) -> None:
+def _plan_batch(
+    up: Uploader, directory: str, destination: str, include: tuple[str, ...], exclude: tuple[str, ...],
+    page_size: int | None, options: dict[str, Any], output: Output,
+) -> None:
+    """``submit -r --dry-run``: the request checked as the client checks it, and the files this
+    machine sees in the directory that the batch would take (the workers list it themselves)."""
+    from uploader.sources.directory import Selector
+
+    up.check_batch(directory, destination, include=include, exclude=exclude, page_size=page_size, **options)
+    bucket, _, prefix = destination.removeprefix("s3://").partition("/")
+    selector = Selector(tuple(include), tuple(exclude))
+    files: list[dict[str, Any]] = []
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory).replace(os.sep, "/")
+            if os.path.isfile(path) and not os.path.islink(path) and selector.takes(relative):
+                files.append({"path": relative, "key": prefix + relative, "size": os.path.getsize(path)})
+    total = sum(int(f["size"]) for f in files)
+    text = "\n".join(f"would upload {directory}/{f['path']} to s3://{bucket}/{f['key']}" for f in files)
+    summary = f"{len(files)} files, {format_size(total)}"
+    output.emit({"directory": directory, "bucket": bucket, "files": files, "count": len(files), "bytes": total},
+                f"{text}\n{summary}" if text else summary)
+
+
+def _follow_batch(up: Uploader, batch_id: str, timeout: float | None, output: Output | None = None) -> None:
     """Wait for the batch; its summary, and a non-zero exit unless every file was uploaded or skipped."""
     last = up.wait_batch(batch_id, timeout=timeout)
+    if output is not None and output.mode is not OutputMode.NORMAL:
+        output.emit(last.to_dict(), "")
+        if last.failures:
+            sys.exit(int(ExitCode.FAILED))
+        return
     console.print(_batch_summary(last), highlight=False)
     for problem in last.failures:
         console.print(f"  failed: {escape(logsafe.escape_controls(problem.path))}: {escape(logsafe.escape_controls(problem.reason))}",
@@ -432,13 +529,21 @@ def _batch_summary(st: Any) -> str:
     )
 
 
-def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = None) -> None:
-    """Progress bar until the upload ends; a non-zero exit unless it completed. Ctrl-C leaves
-    the upload running and says how to watch it."""
+def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = None, output: Output | None = None) -> None:
+    """Progress until the upload ends (a bar on a terminal, a line every few seconds otherwise;
+    none with ``--quiet``, ``--json`` or ``--no-progress``); a non-zero exit unless it completed.
+    Ctrl-C leaves the upload running and says how to watch it."""
     from uploader.progress import show_progress
 
+    output = output or Output()
+    statuses = up.watch(upload_id, timeout=timeout, start=start)
     try:
-        last = show_progress(up.watch(upload_id, timeout=timeout, start=start), console.real())
+        if output.progress:
+            last = show_progress(statuses, console.real(), line_every=up.settings.progress_interval)
+        else:
+            last = None
+            for status in statuses:  # (watch ends when the upload does)
+                last = status
     except KeyboardInterrupt:
         _fail(
             f"interrupted: upload {upload_id} goes on without you; watch it with `uploader watch {upload_id}` "
@@ -452,30 +557,37 @@ def _follow(up: Uploader, upload_id: str, timeout: float | None, start: Any = No
         code = {"cancelled": ExitCode.CANCELLED, "failed": ExitCode.FAILED}.get(state, ExitCode.FAILED)
         if last is not None and state == "refused":
             code = exit_code(last.refusal_error())  # refused (2), or not started for want of S3 (5)
+        if output.mode is OutputMode.JSON and last is not None:
+            click.echo(json.dumps(last.to_dict(), indent=2))
         _fail(f"upload {upload_id} ended {state}{reason}", code)
         return
-    console.print(f"[green]completed[/green] s3://{last.bucket}/{last.key} {last.final_etag} (verified: {last.verified})")
+    if output.mode is OutputMode.JSON:
+        click.echo(json.dumps(last.to_dict(), indent=2))
+    elif output.mode is OutputMode.NORMAL:
+        console.print(f"[green]completed[/green] s3://{last.bucket}/{last.key} {last.final_etag} (verified: {last.verified})")
 
 
 @main.command()
 @click.argument("upload_id", callback=_upload_id)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_output_options(progress=False)
 @_friendly_errors
-def status(upload_id: str, as_json: bool) -> None:
-    """Show an upload's (or a batch's) state, parts and bytes done, error, and when recovery last ran."""
+def status(upload_id: str, output: Output) -> None:
+    """Show an upload's (or a batch's) state, parts and bytes done, error, and when recovery last
+    ran. UPLOAD_ID may be the start of a recent upload's id (4 characters or more)."""
     up = _uploader()
+    upload_id = up.resolve_id(upload_id)
     batch = up.find_batch(upload_id)
     if batch is not None:
-        if as_json:
-            click.echo(json.dumps(batch.to_dict(), indent=2))
+        if output.mode is not OutputMode.NORMAL:
+            output.emit(batch.to_dict(), "")
         else:
             click.echo(_batch_summary(batch))
             for problem in batch.failures:
                 click.echo(f"  failed: {logsafe.escape_controls(problem.path)}: {logsafe.escape_controls(problem.reason)}")
         return
     st = up.status(upload_id)
-    if as_json:
-        click.echo(json.dumps(st.to_dict(), indent=2))
+    if output.mode is not OutputMode.NORMAL:
+        output.emit(st.to_dict(), "")
         return
     table = _table(show_header=False, box=None)
     for name, value in _status_rows(st):
@@ -564,26 +676,39 @@ def _recovery_row(st: UploadStatus) -> str:
 @main.command()
 @click.argument("upload_id", callback=_upload_id)
 @click.option("--timeout", type=SECONDS, default=None, help="Give up waiting after this many seconds.")
+@_output_options(progress=True)
 @_friendly_errors
-def watch(upload_id: str, timeout: float | None) -> None:
-    """Show a live progress bar until the upload finishes."""
-    _follow(_uploader(), upload_id, timeout)
+def watch(upload_id: str, timeout: float | None, output: Output) -> None:
+    """Show progress until the upload finishes (UPLOAD_ID may be the start of a recent upload's id)."""
+    up = _uploader()
+    _follow(up, up.resolve_id(upload_id), timeout, output=output)
 
 
 @main.command(name="list")
 @click.option("--limit", type=click.IntRange(0, MAX_LISTED), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--state", "states", multiple=True, type=click.Choice(LISTED_STATES),
+              help="Only uploads in this state (repeatable).")
+@_output_options(progress=False)
 @_friendly_errors
-def list_(limit: int, as_json: bool) -> None:
-    """List recent uploads, newest first."""
-    uploads = _uploader().list(limit)
-    if as_json:
-        click.echo(json.dumps([u.to_dict() for u in uploads], indent=2))
+def list_(limit: int, states: tuple[str, ...], output: Output) -> None:
+    """List recent uploads, newest first: whole ids, state, parts, size, when created and last
+    updated (local time), destination and error."""
+    uploads = _uploader().list(limit, states=states)
+    if output.mode is not OutputMode.NORMAL:
+        output.emit([u.to_dict() for u in uploads], "")
         return
-    table = _table("upload id", "state", "parts", "size", "destination", "error")
+    table = _table("upload id", "state", "parts", "size", "created", "updated", "destination", "error")
+    table.columns[0].no_wrap = True  # an id is never cut: it is what the other commands take
     for u in uploads:
-        table.add_row(u.upload_id, u.state, f"{u.parts_done}/{u.part_count}", format_size(u.size), f"s3://{u.bucket}/{u.key}", u.error[:60])
+        table.add_row(u.upload_id, u.state, f"{u.parts_done}/{u.part_count}", format_size(u.size), _when(u.created),
+                      _when(u.updated), escape(logsafe.escape_controls(f"s3://{u.bucket}/{u.key}")),
+                      escape(logsafe.escape_controls(u.error[:60])))
     _print(table)
+
+
+def _when(stamp: float | None) -> str:
+    """A unix time as local ``YYYY-MM-DD HH:MM:SS`` ("-" for none)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
 
 
 @main.command()
@@ -594,39 +719,46 @@ def list_(limit: int, as_json: bool) -> None:
 @click.option("--part-size", callback=_size, help="Only if the checkpoint was lost: the part size the upload was submitted with, if any.")
 @click.option("--wait", "wait_", is_flag=True, help="Show progress until the upload finishes.")
 @click.option("--timeout", type=SECONDS, default=None, help="Give up waiting after this many seconds.")
+@_output_options(progress=True)
 @_friendly_errors
 def resume(
     upload_id: str, restart: bool, source: str | None, destination: str | None, part_size: int | None,
-    wait_: bool, timeout: float | None,
+    wait_: bool, timeout: float | None, output: Output,
 ) -> None:
-    """Continue an upload from its checkpoint, sending only missing parts (a batch: its failed uploads)."""
+    """Continue an upload from its checkpoint, sending only missing parts (a batch: its failed
+    uploads). UPLOAD_ID may be the start of a recent upload's id."""
     up = _uploader()
+    upload_id = up.resolve_id(upload_id)
     if up.find_batch(upload_id) is not None:
         outcome = up.resume_batch(upload_id)
-        click.echo(f"{upload_id}: {outcome['uploads_resumed']} uploads resumed, {outcome['files_restarted']} files started again")
+        output.emit(outcome, f"{upload_id}: {outcome['uploads_resumed']} uploads resumed, {outcome['files_restarted']} files started again")
         if wait_:
-            _follow_batch(up, upload_id, timeout)
+            _follow_batch(up, upload_id, timeout, output)
         return
     options: dict[str, Any] = {"part_size": part_size} if part_size is not None else {}
     outcome = up.resume(upload_id, restart=restart, source=source, destination=destination, **options)
-    click.echo(f"{upload_id}: dispatched {outcome['dispatched']} ({outcome['parts']} parts) {outcome['reason']}".rstrip())
+    output.emit(outcome, f"{upload_id}: dispatched {outcome['dispatched']} ({outcome['parts']} parts) {outcome['reason']}".rstrip())
     if wait_:
-        _follow(up, upload_id, timeout)
+        _follow(up, upload_id, timeout, output=output)
 
 
 @main.command()
 @click.argument("upload_id", callback=_upload_id)
+@_output_options(progress=False)
 @_friendly_errors
-def cancel(upload_id: str) -> None:
-    """Cancel an upload: stop its parts and abort its multipart upload (a batch: each of its uploads)."""
+def cancel(upload_id: str, output: Output) -> None:
+    """Cancel an upload: stop its parts and abort its multipart upload (a batch: each of its
+    uploads). UPLOAD_ID may be the start of a recent upload's id."""
     up = _uploader()
+    upload_id = up.resolve_id(upload_id)
     if up.find_batch(upload_id) is not None:
         done = up.cancel_batch(upload_id)
-        click.echo(f"{upload_id}: {'cancelled' if done['outcome'] == 'cancelled' else 'was already cancelled'} "
-                   f"({done['uploads_cancelled']} uploads cancelled)")
+        output.emit(done, f"{upload_id}: {'cancelled' if done['outcome'] == 'cancelled' else 'was already cancelled'} "
+                          f"({done['uploads_cancelled']} uploads cancelled)")
         return
     outcome = up.cancel(upload_id)
-    click.echo(f"{upload_id}: {'cancelled' if outcome == 'cancelled' else 'was already cancelled'}")
+    output.emit({"upload_id": upload_id, "outcome": outcome},
+                f"{upload_id}: {'cancelled' if outcome == 'cancelled' else 'was already cancelled'}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

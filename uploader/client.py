@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.result import AsyncResult
 
+    from uploader.batch.request import BatchRequest
     from uploader.batch.status import BatchStatus
 
 #: Seconds between checkpoint polls while waiting: the first polls come quickly (a small upload
@@ -104,6 +105,13 @@ class UploadStatus(UploadSummary):
         """The fields, and ``result`` (``null`` until completed)."""
         result = self.result
         return {**asdict(self), "result": result.to_dict() if result else None}
+
+
+#: ``list`` with states looks through at most this many recent uploads, reading this many at a time.
+LIST_SCAN_LIMIT = 10_000
+LIST_PAGE = 200
+#: The shortest id prefix ``resolve_id`` looks up (shorter ones are taken as whole ids).
+MIN_ID_PREFIX = 4
 
 
 def _client_celery(settings: Settings, interactive: bool) -> Celery:
@@ -244,6 +252,14 @@ class Uploader:
             handle.accepted(accept_timeout)
         return handle
 
+    def check_submission(self, source: str, destination: str, **options: Any) -> dict[str, Any]:
+        """What :meth:`submit` would send for these arguments, validated as it validates them
+        (:class:`~uploader.errors.InvalidRequest`), without sending anything or keeping a
+        capability (``submit --dry-run``). The request's capability digest is left out."""
+        kwargs, _, _ = self._start_kwargs(source, destination, options)
+        kwargs.pop("capability", None)
+        return kwargs
+
     def submit_many(
         self, uploads: Iterable[tuple[str, str] | tuple[str, str, dict[str, Any]]], *, accept_timeout: float | None = None
     ) -> list[UploadHandle]:
@@ -305,6 +321,8 @@ class Uploader:
         if options.get("locality") == locality.Locality.HOST and not options.get("host"):
             options = {**options, "host": self.settings.host_name}
         bucket, key = parse_s3_url(destination)
+        if not key or key.endswith("/"):
+            key += source_name(source)  # s3://bucket/prefix/ keeps the file's name, as `aws s3 cp` does
         # Submitting an upload id again (an idempotent retry) must carry the same capability.
         kept = self.capabilities.load(options["upload_id"]) if options.get("upload_id") else None
         capability = Capability.of(kept) if kept else Capability.new()
@@ -327,22 +345,12 @@ class Uploader:
         ``skip_unchanged``: leave out files whose object matches already (see :mod:`uploader.batch`);
         ``options``: what :meth:`submit` takes, for every upload. With ``accept_timeout``, waits
         that long for a worker to accept the batch (raising its refusal)."""
-        from uploader.batch.request import parse_batch_request
-
-        bucket, prefix = parse_s3_url(destination)
-        if options.get("locality") == locality.Locality.HOST and not options.get("host"):
-            options = {**options, "host": self.settings.host_name}
         kept = self.capabilities.load(batch_id) if batch_id else None
         capability = Capability.of(kept) if kept else Capability.new()
-        kwargs: dict[str, Any] = {
-            "source": source, "bucket": bucket, "prefix": prefix, "include": list(include), "exclude": list(exclude),
-            "skip_unchanged": skip_unchanged, "capability": capability.digest, "options": options,
-        }
-        if page_size is not None:
-            kwargs["page_size"] = page_size
-        if batch_id is not None:
-            kwargs["batch_id"] = batch_id
-        request = parse_batch_request(kwargs)
+        request = self.check_batch(
+            source, destination, include=include, exclude=exclude, skip_unchanged=skip_unchanged, page_size=page_size,
+            batch_id=batch_id, capability=capability.digest, **options,
+        )
         assert request.batch_id is not None
         message = request.model_dump(mode="json", exclude_none=True)
         host = request.local_host
@@ -357,6 +365,27 @@ class Uploader:
         if accept_timeout:
             handle.accepted(accept_timeout)
         return handle
+
+    def check_batch(
+        self, source: str, destination: str, *, include: list[str] | tuple[str, ...] = (),
+        exclude: list[str] | tuple[str, ...] = (), skip_unchanged: bool = False, page_size: int | None = None,
+        batch_id: str | None = None, capability: str | None = None, **options: Any,
+    ) -> BatchRequest:
+        """The batch request :meth:`submit_batch` would send, validated as it validates it
+        (:class:`~uploader.errors.InvalidRequest`), without sending anything (``submit -r --dry-run``)."""
+        from uploader.batch.request import parse_batch_request
+
+        bucket, prefix = parse_s3_url(destination)
+        if options.get("locality") == locality.Locality.HOST and not options.get("host"):
+            options = {**options, "host": self.settings.host_name}
+        kwargs: dict[str, Any] = {
+            "source": source, "bucket": bucket, "prefix": prefix, "include": list(include), "exclude": list(exclude),
+            "skip_unchanged": skip_unchanged, "options": options,
+        }
+        for name, value in (("capability", capability), ("page_size", page_size), ("batch_id", batch_id)):
+            if value is not None:
+                kwargs[name] = value
+        return parse_batch_request(kwargs)
 
     def find_batch(self, batch_id: str, *, completed: dict[str, int] | None = None) -> BatchStatus | None:
         """The batch's aggregate status (:class:`uploader.batch.BatchStatus`), a refused batch's
@@ -508,15 +537,45 @@ class Uploader:
         # Shown (task-sent events, Flower) without the token or proof.
         return self.celery.send_task(task, kwargs=kwargs, kwargsrepr=repr(auth.redacted(kwargs)))
 
-    def list(self, limit: int = 100) -> list[UploadStatus]:
-        """The most recent uploads, newest first."""
-        out = []
+    def list(self, limit: int = 100, *, states: Iterable[str] = ()) -> list[UploadStatus]:
+        """The most recent uploads, newest first; with ``states``, only those in one of them
+        (``uploading``, ``failed``...), looking through at most :data:`LIST_SCAN_LIMIT` recent
+        uploads for them."""
+        wanted = {str(s) for s in states}
+        unknown = wanted - {s.value for s in UploadState}
+        if unknown:
+            raise InvalidRequest(f"unknown state {sorted(unknown)[0]!r}: one of {', '.join(s.value for s in UploadState)}")
+        out: list[UploadStatus] = []
+        scan = limit if not wanted else max(limit, LIST_SCAN_LIMIT)
         with self.reaching():
-            for upload_id in self.checkpoint.list_ids(limit):
-                record = self.checkpoint.get(upload_id)
-                if record is not None:
-                    out.append(UploadStatus.from_record(record))
+            ids = self.checkpoint.list_ids(scan)
+            for first in range(0, len(ids), LIST_PAGE):
+                for record in self.checkpoint.get_many(ids[first : first + LIST_PAGE]):
+                    if record is not None and (not wanted or record.state in wanted):
+                        out.append(UploadStatus.from_record(record))
+                        if len(out) >= limit:
+                            return out
         return out
+
+    def resolve_id(self, given: str) -> str:
+        """The upload (or batch) id ``given`` stands for: itself when an upload, a batch or a
+        refusal has that id; otherwise the one recent upload whose id starts with it (at least
+        :data:`MIN_ID_PREFIX` characters), as ``git`` takes a commit's prefix. Several such
+        uploads: :class:`InvalidRequest` naming two of them. None: ``given`` (whoever reads it
+        says there is no such upload)."""
+        check_upload_id(given)
+        store = self.checkpoint
+        with self.reaching():
+            if store.redis.exists(store.record_key(given), store.refusal_key(given), f"{store.prefix}:batch:{given}"):
+                return given
+            if len(given) < MIN_ID_PREFIX:
+                return given
+            matches = store.ids_starting_with(given, 2)
+        if len(matches) > 1:
+            raise InvalidRequest(
+                f"{given!r} is the start of several upload ids ({matches[0]}, {matches[1]}, ...): give more of it"
+            )
+        return matches[0] if matches else given
 
     def wait(self, upload_id: str, *, timeout: float | None = None, start: AsyncResult | None = None) -> UploadStatus:
         """Block until the upload is completed; return its final status.
@@ -721,6 +780,23 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise InvalidRequest(f"destination {shown} must look like s3://bucket/key")
     bucket, _, key = url[len("s3://") :].partition("/")
     return bucket, key
+
+
+def source_name(source: str) -> str:
+    """The name a source is stored under below a destination prefix: a path's or URL's last
+    segment, an S3 source's key's. :class:`InvalidRequest` if it has none."""
+    from urllib.parse import unquote, urlsplit
+
+    if source.startswith("s3://"):
+        path = source[len("s3://"):].partition("/")[2]
+    elif "://" in source:
+        path = unquote(urlsplit(source).path)
+    else:
+        path = source
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if not name or name in {".", ".."}:
+        raise InvalidRequest(f"source {source[:80]!r} has no name to keep: give the destination's whole key (s3://bucket/key)")
+    return name
 
 
 def _task_outcome(result: AsyncResult, timeout: float) -> Any:

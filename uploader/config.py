@@ -210,6 +210,9 @@ class Settings(BaseSettings):
     #: a worker reads the queue ``uploader.host.<host_name>``; a client's ``--local`` uploads
     #: name it. By default the hostname; set it where hostnames are not unique or not stable.
     host_name: str = Field(default_factory=default_host_name)
+    #: Seconds between two progress lines of ``--wait``/``watch`` when the output is not a
+    #: terminal (a file, a pipe, a CI log); on a terminal the bar moves continuously.
+    progress_interval: float = Field(10, gt=0)
     #: The port a worker serves its Prometheus metrics on (``/metrics``; uploader/metrics.py);
     #: 0: none. Each worker process needs its own (one per machine or pod).
     metrics_port: int = Field(0, ge=0, le=65535)

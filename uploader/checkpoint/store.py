@@ -356,6 +356,16 @@ class CheckpointStore:
             for upload_id, raw in zip(upload_ids, pipe.execute(), strict=True)
         ]
 
+    def ids_starting_with(self, prefix: str, at_most: int) -> list[str]:
+        """Up to ``at_most`` ids of the index (recent uploads) that start with ``prefix`` (an id's
+        shape: no glob characters)."""
+        found: list[str] = []
+        for upload_id in self.redis.zscan_iter(self.index_key, match=prefix + "*", count=1000):
+            found.append(upload_id[0] if isinstance(upload_id, tuple) else upload_id)
+            if len(found) >= at_most:
+                break
+        return found
+
     def get_with_recovery(self, upload_id: str) -> tuple[UploadRecord | None, RecoveryState]:
         """The record and the fleet's recovery state, in one round trip (what ``status`` shows)."""
         pipe = self.redis.pipeline(transaction=False)
