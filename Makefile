@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,local]"
 	@touch $(STAMP)
 
 $(VENV)/.bench-installed: $(STAMP)
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test,local,bench]"
 	@touch $@
 
 demo: setup

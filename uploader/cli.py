@@ -788,6 +788,22 @@ def worker(ctx: click.Context, concurrency: int | None, pool: str | None, loglev
 
 
 @main.command()
+@click.argument("kind", type=click.Choice(["live", "ready"]))
+@click.option("--file", "path", envvar="UPLOADER_PROBE_FILE", required=True, metavar="PATH",
+              help="The worker's probe file (default: UPLOADER_PROBE_FILE, the setting the worker writes it by).")
+def probe(kind: str, path: str) -> None:
+    """Whether this machine's (or container's) worker is live (its heartbeat runs) or ready (its
+    heartbeat reaches Redis): exit status 0, or 1 with the reason. For Kubernetes and Compose probes."""
+    from uploader.probe import ProbeKind, check
+
+    result = check(path, ProbeKind(kind))
+    if not result.ok:
+        click.echo(f"not {kind}: {result.reason}", err=True)
+        sys.exit(1)
+    click.echo(kind)
+
+
+@main.command()
 def keygen() -> None:
     """Print a new fleet key (UPLOADER_FLEET_KEY) for workers and operators."""
     from uploader.auth import new_fleet_key

@@ -213,6 +213,9 @@ class Settings(BaseSettings):
     #: Seconds between two progress lines of ``--wait``/``watch`` when the output is not a
     #: terminal (a file, a pipe, a CI log); on a terminal the bar moves continuously.
     progress_interval: float = Field(10, gt=0)
+    #: The file a worker's heartbeat rewrites at each beat, for ``uploader probe live|ready``
+    #: (uploader/probe.py; Kubernetes and Compose probes); "" : none.
+    probe_file: str = ""
     #: The port a worker serves its Prometheus metrics on (``/metrics``; uploader/metrics.py);
     #: 0: none. Each worker process needs its own (one per machine or pod).
     metrics_port: int = Field(0, ge=0, le=65535)

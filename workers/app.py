@@ -30,6 +30,7 @@ from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_proc
 from uploader.config import get_settings
 from uploader.context import default_context
 from uploader.contract import celery_config, host_queue
+from uploader.probe import ProbeFile
 from workers import control, transport
 from workers.transport import broker_settings
 
@@ -157,8 +158,9 @@ def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
     ctx = default_context()
     if metrics.enabled():
         incarnation.metrics_server = metrics.serve(settings, lambda: fleet_figures(app))
+    probe = ProbeFile(settings.probe_file, settings.worker_heartbeat_seconds) if settings.probe_file else None
     incarnation.heartbeat = Heartbeat(
-        ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True, host=settings.host_name
+        ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True, host=settings.host_name, probe=probe
     )
     incarnation.heartbeat.start()
     incarnation.recovery = RecoveryLoop(ctx, name, dispatch, forget_chords, restore_held_messages)

@@ -19,6 +19,7 @@ import threading
 import redis
 
 from uploader.checkpoint.store import CheckpointStore
+from uploader.probe import ProbeFile
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,18 @@ class Heartbeat(threading.Thread):
     ``worker``: the holder is a worker incarnation (counted as a live worker, and keeping its
     ``host`` alive for host-local uploads), not a pool process."""
 
-    def __init__(self, store: CheckpointStore, holder: str, ttl: int, *, worker: bool = False, host: str = "") -> None:
+    def __init__(
+        self, store: CheckpointStore, holder: str, ttl: int, *, worker: bool = False, host: str = "",
+        probe: ProbeFile | None = None,
+    ) -> None:
         super().__init__(name=f"uploader-heartbeat-{holder}", daemon=True)
         self.store = store
         self.holder = holder
         self.ttl = ttl
         self.worker = worker
         self.host = host
+        #: Where each beat is noted for ``uploader probe`` (uploader/probe.py), if anywhere.
+        self.probe = probe
         self._stopped = threading.Event()
 
     def beat(self) -> None:
@@ -72,6 +78,11 @@ class Heartbeat(threading.Thread):
             self.beat()
         except (redis.RedisError, OSError) as exc:  # Redis away: keep trying, it comes back
             log.warning("heartbeat of %s failed: %s", self.holder, exc)
+            reached = False
+        else:
+            reached = True
+        if self.probe is not None:
+            self.probe.record(reached)
 
     def stop(self, *, retire: bool = False) -> None:
         """Stop beating; with ``retire`` also drop the liveness key now (a clean shutdown, once

