@@ -254,6 +254,10 @@ def test_a_client_user_submits_watches_and_waits_for_what_a_worker_user_complete
         assert result.returncode == 0 and '"files_done": 2' in result.stdout, result.stderr
         assert acl_denials(acl_redis, CLIENT[0]) == [], "the client user lacks a permission it uses"
         assert acl_denials(acl_redis, WORKER[0]) == [], "the worker user lacks a permission it uses"
+        # doctor as the client user: what it may not read is a "skip", never a traceback.
+        done, _ = cli(client_env, "doctor")
+        assert "Traceback" not in done.stderr and "skip redis persistence" in done.stdout, done.stdout + done.stderr
+        assert "ok   workers: 1 alive" in done.stdout, done.stdout
         for password in PASSWORDS.values():
             assert password not in worker.log_text()
     finally:

@@ -86,6 +86,13 @@ def _print(renderable: Any) -> None:
     out.print(renderable)
 
 
+def _print_line(markup: str) -> None:
+    """One line of rich markup on stdout (plain text into a file or a pipe)."""
+    from rich.console import Console
+
+    Console(soft_wrap=True, highlight=False).print(markup)
+
+
 def _table(*columns: str, **options: Any) -> Table:
     from rich.table import Table
 
@@ -801,6 +808,39 @@ def probe(kind: str, path: str) -> None:
         click.echo(f"not {kind}: {result.reason}", err=True)
         sys.exit(1)
     click.echo(kind)
+
+
+@main.command()
+@click.option("--bucket", help="Also check that the S3 credentials here reach this bucket.")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on failures.")
+@_output_options(progress=False)
+@_friendly_errors
+def doctor(bucket: str | None, strict: bool, output: Output) -> None:
+    """Check the deployment, one line each with a verdict and what to do: Redis (reachable,
+    persistence, eviction policy), S3, live workers and their versions, recovery, queues,
+    messages on queues no worker reads, dead letters. Exit status 1 if a check failed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from uploader.config import get_settings
+    from uploader.doctor import Verdict, run_checks
+
+    try:
+        mine = version("uploader")
+    except PackageNotFoundError:
+        mine = ""
+    checks = run_checks(get_settings(), bucket=bucket, version=mine)
+    colours = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "red", Verdict.SKIP: "dim"}
+    if output.mode is OutputMode.JSON:
+        output.emit([c.to_dict() for c in checks], "")
+    elif output.mode is OutputMode.NORMAL:
+        for check in checks:
+            advice = f" -> {check.advice}" if check.advice else ""
+            line = logsafe.escape_controls(f"{check.name}: {check.detail}{advice}")
+            colour = colours[check.verdict]
+            _print_line(f"[{colour}]{check.verdict.value:4}[/{colour}] {escape(line)}")
+    bad = {Verdict.FAIL, Verdict.WARN} if strict else {Verdict.FAIL}
+    if any(check.verdict in bad for check in checks):
+        sys.exit(int(ExitCode.FAILED))
 
 
 @main.command()

@@ -443,13 +443,16 @@ class RecoveryLoop(threading.Thread):
 
     def _restore_dead_holders_messages(self) -> None:
         """The messages dead worker incarnations had received but not finished, back on their
-        queues now rather than after the broker's visibility timeout (workers/transport.py)."""
+        queues now rather than after the broker's visibility timeout (workers/transport.py);
+        and the versions those incarnations noted, forgotten."""
         assert self.restore_messages is not None
         # Two heartbeats of grace: a worker that just started may hold messages before its
         # first beat is seen.
         grace = 2 * self.ctx.settings.worker_heartbeat_seconds
         try:
-            restored = self.restore_messages(set(self.ctx.checkpoint.live_workers()), grace)
+            live = set(self.ctx.checkpoint.live_workers())
+            self.ctx.checkpoint.forget_worker_versions(live)
+            restored = self.restore_messages(live, grace)
         except Exception as exc:  # noqa: BLE001  (the broker away: the next run tries again)
             log.warning("recovery: messages of dead workers not restored yet: %s", exc)
             return

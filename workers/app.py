@@ -160,7 +160,8 @@ def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
         incarnation.metrics_server = metrics.serve(settings, lambda: fleet_figures(app))
     probe = ProbeFile(settings.probe_file, settings.worker_heartbeat_seconds) if settings.probe_file else None
     incarnation.heartbeat = Heartbeat(
-        ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True, host=settings.host_name, probe=probe
+        ctx.checkpoint, name, settings.worker_heartbeat_seconds, worker=True, host=settings.host_name, probe=probe,
+        version=_version(),
     )
     incarnation.heartbeat.start()
     incarnation.recovery = RecoveryLoop(ctx, name, dispatch, forget_chords, restore_held_messages)
@@ -168,6 +169,16 @@ def start_heartbeat_and_recovery(sender: Any = None, **_: Any) -> None:
     # Every worker delivers the notification outbox (no leader: claims are atomic).
     incarnation.notifier = NotifierLoop(ctx, send_callback_task)
     incarnation.notifier.start()
+
+
+def _version() -> str:
+    """This worker's uploader version (as installed), for ``uploader doctor``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("uploader")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def restore_held_messages(live: set[str], grace: float) -> dict[str, int]:

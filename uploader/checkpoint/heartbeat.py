@@ -44,7 +44,7 @@ class Heartbeat(threading.Thread):
 
     def __init__(
         self, store: CheckpointStore, holder: str, ttl: int, *, worker: bool = False, host: str = "",
-        probe: ProbeFile | None = None,
+        probe: ProbeFile | None = None, version: str = "",
     ) -> None:
         super().__init__(name=f"uploader-heartbeat-{holder}", daemon=True)
         self.store = store
@@ -54,6 +54,8 @@ class Heartbeat(threading.Thread):
         self.host = host
         #: Where each beat is noted for ``uploader probe`` (uploader/probe.py), if anywhere.
         self.probe = probe
+        #: What a worker notes it runs (``uploader doctor`` shows it).
+        self.version = version
         self._stopped = threading.Event()
 
     def beat(self) -> None:
@@ -61,7 +63,7 @@ class Heartbeat(threading.Thread):
         # alive again, they would look held by it.
         if released := self.store.release_pending():
             log.warning("released %d part leases left over from a Redis outage", released)
-        self.store.heartbeat(self.holder, self.ttl, worker=self.worker, host=self.host)
+        self.store.heartbeat(self.holder, self.ttl, worker=self.worker, host=self.host, version=self.version)
 
     def start(self) -> None:
         """Beat once now, so that the holder is alive before it takes its first lease, then every

@@ -415,16 +415,19 @@ class CheckpointStore:
             pipe.exists(self.worker_key(owner))
         return {owner for owner, alive in zip(ordered, pipe.execute(), strict=True) if alive}
 
-    def heartbeat(self, holder: str, ttl: int, *, worker: bool = False, host: str = "") -> None:
+    def heartbeat(self, holder: str, ttl: int, *, worker: bool = False, host: str = "", version: str = "") -> None:
         """Declare ``holder`` alive for ``ttl`` seconds (its part leases keep holding). A
         ``worker`` (a worker incarnation's main process, not a prefork pool process) is also
-        counted in :meth:`live_workers`, and keeps its ``host`` alive (:meth:`host_alive`)."""
+        counted in :meth:`live_workers`, keeps its ``host`` alive (:meth:`host_alive`), and
+        notes the ``version`` it runs (:meth:`worker_versions`)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.worker_key(holder), "1", ex=ttl)
         if worker:
             now = time.time()
             pipe.zadd(self.workers_key, {holder: now + ttl})
             pipe.zremrangebyscore(self.workers_key, "-inf", now)
+            if version:
+                pipe.hset(self.worker_versions_key, holder, version)
             if host:
                 # GT: one worker's beat never shortens another's on the same host.
                 pipe.zadd(self.hosts_key, {host: now + ttl}, gt=True)
@@ -442,7 +445,24 @@ class CheckpointStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(self.worker_key(holder))
         pipe.zrem(self.workers_key, holder)
+        pipe.hdel(self.worker_versions_key, holder)
         pipe.execute()
+
+    @property
+    def worker_versions_key(self) -> str:
+        return f"{self.prefix}:worker_versions"
+
+    def worker_versions(self, holders: Sequence[str]) -> dict[str, str]:
+        """The version each of ``holders`` (live workers) runs, as its heartbeat noted it."""
+        if not holders:
+            return {}
+        versions = self.redis.hmget(self.worker_versions_key, list(holders))
+        return {h: str(v) for h, v in zip(holders, versions, strict=True) if v is not None}
+
+    def forget_worker_versions(self, live: set[str]) -> int:
+        """Drop the versions noted by workers that are gone (killed: a clean stop drops its own)."""
+        gone = [h for h in self.redis.hkeys(self.worker_versions_key) if h not in live]
+        return int(self.redis.hdel(self.worker_versions_key, *gone)) if gone else 0
 
     def live_workers(self, *, now: float | None = None) -> list[str]:
         """The worker incarnations whose heartbeat is alive now."""
