@@ -210,6 +210,9 @@ class Settings(BaseSettings):
     #: a worker reads the queue ``uploader.host.<host_name>``; a client's ``--local`` uploads
     #: name it. By default the hostname; set it where hostnames are not unique or not stable.
     host_name: str = Field(default_factory=default_host_name)
+    #: How workers write their log lines: ``text`` (a line about an upload names it) or ``json``
+    #: (one object per line with upload id, part, worker, event, bytes, duration: uploader/logfields.py).
+    log_format: Literal["text", "json"] = "text"
     #: Seconds between two progress lines of ``--wait``/``watch`` when the output is not a
     #: terminal (a file, a pipe, a CI log); on a terminal the bar moves continuously.
     progress_interval: float = Field(10, gt=0)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from uploader import metrics
+from uploader import logfields, metrics
 from uploader.checkpoint.store import PartJob, PartTimeLimit
 from uploader.checksums import ChecksumType, crc64ecma, md5_b64_to_etag
 from uploader.completion import PRECONDITION_FAILED, CompletionOutcome, mark_failed, refuse_overwrite, result_fields
@@ -98,6 +98,7 @@ def upload_part(ctx: UploaderContext, upload_id: str, part_number: int, generati
             outcome = _send_part(ctx, job, generation, owner, time_limit, sending)
             if outcome.verdict in (PartVerdict.RECORDED, PartVerdict.LAST):
                 sending.recorded()
+                logfields.bind(bytes=job.length, event="part_recorded")
             return outcome
     except BaseException:
         store.release_part_or_later(upload_id, part_number, owner)  # a retry or resume takes it over

@@ -18,13 +18,15 @@ from celery.signals import (
     after_setup_task_logger,
     celeryd_after_setup,
     celeryd_init,
+    task_postrun,
+    task_prerun,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
 )
 
-from uploader import logsafe, metrics, signing
+from uploader import logfields, logsafe, metrics, signing
 from uploader.auth import FLEET_KEY_MISSING
 from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_process_name
 from uploader.config import get_settings
@@ -86,6 +88,8 @@ def protect_logs(logger: Any = None, **_: Any) -> None:
     and redact (uploader.logsafe), and botocore's and urllib3's loggers redact at the source."""
     logsafe.protect_logger(logger)
     logsafe.protect_library_loggers()
+    if logger is not None:
+        logfields.install(logger.handlers, settings.log_format)
 
 
 class _Incarnation:
@@ -137,12 +141,36 @@ def name_incarnation(sender: str = "", instance: Any = None, **_: Any) -> None:
     and have it read its own host's queue too, whatever its ``-Q`` says (host-local uploads:
     uploader/locality.py)."""
     incarnation.name = incarnation_name(sender)
+    logfields.worker_name = incarnation.name
     # The messages this incarnation receives are filed under its name (workers/transport.py).
     transport.holder = incarnation.name
     if instance is not None:
         instance.app.amqp.queues.select_add(
             host_queue(settings.host_name, declare=True, max_priority=settings.queue_max_priority)
         )
+
+
+@task_prerun.connect
+def bind_log_fields(task_id: str = "", task: Any = None, kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+    """Every line logged while a task runs names what it works on (uploader/logfields.py)."""
+    kwargs = kwargs or {}
+    logfields.clear()
+    logfields.bind(
+        task=getattr(task, "name", None), task_id=task_id, upload_id=_id(kwargs.get("upload_id")),
+        batch_id=_id(kwargs.get("batch_id")), part=kwargs.get("part_number") if isinstance(kwargs.get("part_number"), int) else None,
+    )
+
+
+@task_postrun.connect
+def clear_log_fields(**_: Any) -> None:
+    logfields.clear()
+
+
+def _id(value: Any) -> str | None:
+    """An id from a message, if it has an id's shape (a hostile one is left out of the fields)."""
+    from uploader.ids import valid_upload_id
+
+    return value if isinstance(value, str) and valid_upload_id(value) else None
 
 
 @worker_ready.connect

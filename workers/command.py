@@ -24,4 +24,6 @@ def worker_argv(
     ]
     if hostname:
         argv += ["--hostname", hostname]
+    if get_settings().log_format == "json":
+        argv.insert(argv.index("worker"), "--quiet")  # no start-up banner: every line of the output is a JSON object
     return argv
