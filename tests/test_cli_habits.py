@@ -133,3 +133,18 @@ def test_progress_is_printed_as_lines_when_the_output_is_a_log(make_stack) -> No
     lines = [line for line in done.stderr.splitlines() if "uploading" in line and " of 20.0 MiB" in line]
     assert len(lines) >= 3, done.stderr  # progress before the end, not only a final line
     assert all("MB" not in line for line in done.stderr.splitlines())  # one unit system
+
+
+def test_status_moves_within_a_part_as_its_bytes_are_sent(make_stack) -> None:  # type: ignore[no-untyped-def]
+    """A part reports how far it got every few MiB (uploader/storage/bodies.py ReportedBody), so
+    ``bytes_done + bytes_sending`` grows before the part is recorded; nothing is left behind."""
+    stack: Stack = make_stack()
+    stack.start_worker("inpart", concurrency=1, UPLOADER_MAX_BANDWIDTH=str(4 * MiB))
+    bucket = stack.new_bucket()
+    handle = stack.uploader.submit(str(stack.make_file(2 * 16 * MiB)), f"s3://{bucket}/big.bin", part_size=16 * MiB)
+    seen = stack.wait_status(handle.upload_id, lambda s: s.bytes_sending > 0 and s.bytes_done == 0, 60,
+                             "bytes reported before the first part is recorded")
+    assert seen.bytes_sending % (4 * MiB) == 0 and seen.bytes_sending < 16 * MiB
+    final = handle.wait(timeout=120)
+    assert final.bytes_sending == 0 and final.bytes_done == 32 * MiB
+    assert not stack.uploader.checkpoint.redis.exists(stack.uploader.checkpoint.sending_key(handle.upload_id))

@@ -69,6 +69,9 @@ class UploadStatus(UploadSummary):
     completing, completed, failed, cancelled, or refused (the request was refused before
     anything was created; ``error`` says why)."""
 
+    #: Bytes of the parts being sent now, as far as they got (workers report every few MiB):
+    #: ``bytes_done + bytes_sending`` is how far the upload is, within a part.
+    bytes_sending: int = 0
     #: When the workers' recovery (reconciler, automatic resumes) last ran, and on which worker.
     recovery_ran_at: float | None = None
     recovery_leader: str = ""
@@ -647,10 +650,11 @@ class Uploader:
             # in between (a small upload is created and completed in milliseconds) must not look
             # like an accepted upload whose record is gone.
             started = start is not None and start.ready()
-            record, recovery = self.checkpoint.get_with_recovery(upload_id)
+            record, recovery, sending = self.checkpoint.get_with_recovery(upload_id)
             if record is not None:
                 return UploadStatus.from_record(
                     record, recovery_ran_at=recovery.reconciled_at, recovery_leader=recovery.leader,
+                    bytes_sending=sending if record.state == UploadState.UPLOADING else 0,
                     notifications=tuple(Outbox(self.checkpoint).deliveries(list(record.notified))),
                 )
             refusal = self.checkpoint.refusal(upload_id)

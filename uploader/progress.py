@@ -65,10 +65,15 @@ def show_progress(
                 task,
                 description=_state(status),
                 total=max(status.size, 1),
-                completed=status.bytes_done if status.size else (1 if status.state == "completed" else 0),
+                completed=_done(status) if status.size else (1 if status.state == "completed" else 0),
                 parts=f"{status.parts_done}/{status.part_count}",
             )
     return last
+
+
+def _done(status: UploadStatus) -> int:
+    """Bytes recorded, and those of the parts being sent as far as they got."""
+    return min(status.size, status.bytes_done + status.bytes_sending)
 
 
 def _state(status: UploadStatus) -> str:
@@ -86,13 +91,14 @@ def _plain_lines(statuses: Iterable[UploadStatus], console: Console, every: floa
         state = _state(status)
         if state == shown_state and now - shown_at < every:
             continue
-        rate = (status.bytes_done - shown_bytes) / (now - shown_at) if shown_at and now > shown_at else None
-        percent = f" ({status.bytes_done * 100 // status.size}%)" if status.size else ""
+        done = _done(status)
+        rate = (done - shown_bytes) / (now - shown_at) if shown_at and now > shown_at else None
+        percent = f" ({done * 100 // status.size}%)" if status.size else ""
         console.print(
-            f"{status.upload_id}: {state} {format_size(status.bytes_done)} of {format_size(status.size)}{percent}"
+            f"{status.upload_id}: {state} {format_size(done)} of {format_size(status.size)}{percent}"
             + (f", {format_size(int(rate))}/s" if rate is not None and rate >= 0 else "")
             + f", parts {status.parts_done}/{status.part_count}",
             highlight=False, markup=False, soft_wrap=True,
         )
-        shown_at, shown_bytes, shown_state = now, status.bytes_done, state
+        shown_at, shown_bytes, shown_state = now, done, state
     return last

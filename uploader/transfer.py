@@ -34,7 +34,7 @@ from uploader.model import (
 )
 from uploader.planner import MiB
 from uploader.sources import ByteRange, Fingerprint, S3ObjectSource
-from uploader.storage.adapter import OSS_CRC64_HEADER, ObjectStore, reported_crc64ecma
+from uploader.storage.adapter import OSS_CRC64_HEADER, PROGRESS_STEP, ObjectStore, reported_crc64ecma
 from uploader.storage.bodies import RangeBody
 from uploader.storage.errors import error_code
 from uploader.storage.osscallback import OssCallback, answer_fields
@@ -141,10 +141,15 @@ def _send_part(
             if ctx.throttle is not None:
                 ctx.throttle.acquire(job.length)
             pace = _fleet_bucket(ctx, job, owner, time_limit) if job.max_bandwidth else None
-            uploaded = objects.upload_part(
-                job.bucket, job.key, job.mpu_id, part_number, data, objects.algorithm(job.checksum_algorithm),
-                job.options, pace=pace,
-            )
+            progress = _sending_progress(ctx, job, time_limit) if job.length > PROGRESS_STEP else None
+            try:
+                uploaded = objects.upload_part(
+                    job.bucket, job.key, job.mpu_id, part_number, data, objects.algorithm(job.checksum_algorithm),
+                    job.options, pace=pace, progress=progress,
+                )
+            finally:
+                if progress is not None:
+                    store.clear_sending(upload_id, part_number)
     except (SourceError, SourceChanged) as exc:  # a streamed (or copied) part's source changed meanwhile
         fail_permanently(ctx, upload_id, f"part {part_number}: {exc}", generation)
         raise
@@ -160,6 +165,17 @@ def _send_part(
             source_range.close()
     sending.sent()
     return PartOutcome.recorded(store.record_part(upload_id, job.mpu_id, part_number, uploaded, job.length), job.length)
+
+
+def _sending_progress(ctx: UploaderContext, job: PartJob, time_limit: PartTimeLimit) -> Callable[[int], None]:
+    """How a part being sent reports its bytes out (``status`` and the progress bar move within
+    a part): noted in the checkpoint, for at most the part's time limit."""
+    keep = time_limit.seconds(job.length)
+
+    def report(sent: int) -> None:
+        ctx.checkpoint.note_sending(job.upload_id, job.part_number, sent, keep)
+
+    return report
 
 
 def _copy_part(source: S3ObjectSource, objects: ObjectStore, job: PartJob, expected: Fingerprint) -> UploadedPart:

@@ -366,13 +366,31 @@ class CheckpointStore:
                 break
         return found
 
-    def get_with_recovery(self, upload_id: str) -> tuple[UploadRecord | None, RecoveryState]:
-        """The record and the fleet's recovery state, in one round trip (what ``status`` shows)."""
+    def get_with_recovery(self, upload_id: str) -> tuple[UploadRecord | None, RecoveryState, int]:
+        """The record, the fleet's recovery state and the bytes of parts being sent now
+        (:meth:`note_sending`), in one round trip (what ``status`` shows)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.record_key(upload_id))
         pipe.hgetall(self.recovery_key)
-        raw, recovery = pipe.execute()
-        return (UploadRecord.from_hash(upload_id, raw) if raw else None), RecoveryState.from_hash(recovery)
+        pipe.hvals(self.sending_key(upload_id))
+        raw, recovery, sending = pipe.execute()
+        record = UploadRecord.from_hash(upload_id, raw) if raw else None
+        return record, RecoveryState.from_hash(recovery), sum(int(v) for v in sending)
+
+    def sending_key(self, upload_id: str) -> str:
+        return f"{self.prefix}:upload:{upload_id}:sending"
+
+    def note_sending(self, upload_id: str, part_number: int, sent: int, keep_seconds: float) -> None:
+        """Part ``part_number`` has ``sent`` bytes out (reported while it is sent, every few MiB);
+        the note lapses after ``keep_seconds`` if nothing clears it (a killed worker)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.sending_key(upload_id), str(part_number), sent)
+        pipe.expire(self.sending_key(upload_id), max(1, int(keep_seconds)))
+        pipe.execute()
+
+    def clear_sending(self, upload_id: str, part_number: int) -> None:
+        """The part is recorded, or its attempt ended: its bytes are no longer "being sent"."""
+        self.redis.hdel(self.sending_key(upload_id), str(part_number))
 
     def parts(self, upload_id: str) -> dict[int, UploadedPart]:
         """Recorded parts by number."""

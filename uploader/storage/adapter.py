@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ from uploader.storage.arguments import (
     object_args,
     only,
 )
-from uploader.storage.bodies import BodyView, Pace, PacedBody, RangeBody
+from uploader.storage.bodies import BodyView, Pace, PacedBody, RangeBody, ReportedBody
 from uploader.storage.endpoints import Endpoint, default_endpoint, resolve
 from uploader.storage.errors import error_code, store_error
 from uploader.storage.osscallback import PARAM as OSS_CALLBACK_PARAM
@@ -57,6 +57,9 @@ from uploader.storage.profiles import ExpectContinue
 #: ``recv``. For a large part that wait spares sending megabytes the server would refuse
 #: (a wrong signature, a redirect); for a small object it only adds latency.
 EXPECT_CONTINUE_MIN_BYTES = 2 << 20
+#: A part being sent reports how far it got every this many bytes (``upload_part``'s ``progress``):
+#: a few Redis writes per part, and a progress bar that moves within a part.
+PROGRESS_STEP = 4 << 20
 
 
 def _expect_continue_for_large_bodies_only(params: dict[str, Any], **_: Any) -> None:
@@ -65,7 +68,7 @@ def _expect_continue_for_large_bodies_only(params: dict[str, Any], **_: Any) -> 
     body = params.get("body")
     if (
         headers.get("Expect") == "100-continue"
-        and isinstance(body, (BodyView, RangeBody, PacedBody))
+        and isinstance(body, (BodyView, RangeBody, PacedBody, ReportedBody))
         and len(body) < EXPECT_CONTINUE_MIN_BYTES
     ):
         del headers["Expect"]
@@ -102,7 +105,7 @@ def _oss_traffic_limit(params: dict[str, Any], **_: Any) -> None:
     request to that rate.
     (Before the request is signed, so the header is signed with it.)"""
     body = params.get("body")
-    bits = oss_traffic_limit(body.rate) if isinstance(body, PacedBody) else None
+    bits = oss_traffic_limit(body.rate) if isinstance(body, (PacedBody, ReportedBody)) else None
     if bits is not None:
         params.setdefault("headers", {})[OSS_TRAFFIC_LIMIT_HEADER] = str(bits)
 
@@ -259,6 +262,7 @@ class ObjectStore:
         algorithm: ChecksumAlgorithm | None = None,
         options: ObjectOptions | None = None,
         pace: Pace | None = None,
+        progress: Callable[[int], object] | None = None,
     ) -> UploadedPart:
         """Send one part: a buffer (checksummed in one pass, sent as a :class:`BodyView`), or a
         :class:`RangeBody` (checksummed in a first pass over its range, then streamed).
@@ -282,7 +286,11 @@ class ObjectStore:
             values = checksums_b64((data,), algorithms)
             body = BodyView(data)
         checksum = values[0]
-        sent: BodyView | RangeBody | PacedBody = body if pace is None else PacedBody(body, pace.acquire, pace.chunk, pace.rate)
+        sent: BodyView | RangeBody | PacedBody | ReportedBody = (
+            body if pace is None else PacedBody(body, pace.acquire, pace.chunk, pace.rate)
+        )
+        if progress is not None:  # ``progress(bytes sent so far)`` every PROGRESS_STEP bytes
+            sent = ReportedBody(sent, progress, PROGRESS_STEP)
         checksum_args = {algorithm.request_field: checksum}
         crc64 = crc64ecma_text(values[1]) if len(values) > 1 else ""
         action = f"UploadPart {part_number} of s3://{bucket}/{key}"

@@ -241,3 +241,51 @@ class PacedBody(_RequestBody):
         chunk = self._body.read(wanted)
         self._paid = max(0, self._paid - len(chunk))
         return chunk
+
+
+class ReportedBody(_RequestBody):
+    """A request body that says how far it has been read for the socket: ``report(position)``
+    each time the position passes another ``step`` bytes (not at the very end: the recorded part
+    says that). A retry's rewind starts the count again. Everything else is the wrapped body's."""
+
+    def __init__(self, body: _RequestBody, report: Callable[[int], object], step: int) -> None:
+        self._body = body
+        self._report = report
+        self._step = max(1, step)
+        self._next = self._step
+
+    def _size(self) -> int:
+        return self._body.tell() + len(self._body)
+
+    def __len__(self) -> int:
+        return len(self._body)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        position = self._body.seek(offset, whence)
+        self._next = (position // self._step + 1) * self._step
+        return position
+
+    def tell(self) -> int:
+        return self._body.tell()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return getattr(self._body, "failure", None)
+
+    @property
+    def rate(self) -> int:
+        return int(getattr(self._body, "rate", 0))
+
+    def __repr__(self) -> str:
+        return f"<ReportedBody {self._body!r}>"
+
+    def read(self, size: int | None = -1) -> memoryview:
+        chunk = self._body.read(size)
+        position = self._body.tell()
+        if position >= self._next and len(self._body):
+            self._next = (position // self._step + 1) * self._step
+            try:
+                self._report(position)
+            except Exception:  # noqa: BLE001  (progress is a courtesy: never the part's failure)
+                pass
+        return chunk
