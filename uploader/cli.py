@@ -843,6 +843,80 @@ def doctor(bucket: str | None, strict: bool, output: Output) -> None:
         sys.exit(int(ExitCode.FAILED))
 
 
+@main.group()
+def local() -> None:
+    """The local stack for your own uploads: Redis, SeaweedFS's S3 and workers on this machine,
+    left running (`up`), their settings for a shell (`env`), and stopped (`down`)."""
+
+
+_LOCAL_DIR = click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+                          help="Where its state, logs and data go (default ~/.local/state/uploader/local).")
+
+
+@local.command(name="up")
+@_LOCAL_DIR
+@click.option("--sources", type=click.Path(exists=True, file_okay=False), default=".", show_default=True,
+              help="The directory whose files the workers may read (UPLOADER_SOURCE_ROOTS).")
+@click.option("--bucket", default="uploads", show_default=True, help="The bucket to create.")
+@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--concurrency", "-c", type=click.IntRange(1, 64), default=8, show_default=True)
+@_friendly_errors
+def local_up(directory: str | None, sources: str, bucket: str, workers: int, concurrency: int) -> None:
+    """Start the local stack (or say it is up), and print how to use it."""
+    from pathlib import Path
+
+    from uploader.dev import local as stack_module
+
+    where = Path(directory) if directory else stack_module.default_directory()
+    stack, started = stack_module.up(where, sources=Path(sources), bucket=bucket, workers=workers, concurrency=concurrency)
+    console.print(
+        f"{'started' if started else 'already up'}: Redis {stack.env['UPLOADER_BROKER_URL']}, S3 "
+        f"{stack.env['UPLOADER_S3_ENDPOINT_URL']} (bucket {stack.bucket}), {len(stack.pids) - 2} worker(s); "
+        f"sources beneath {stack.env['UPLOADER_SOURCE_ROOTS']}; logs in {stack.directory}",
+        highlight=False, markup=False, soft_wrap=True,
+    )
+    hint = f"uploader local env --dir {shlex_quote(str(where))}" if directory else "uploader local env"
+    console.print(f'use it: eval "$({hint})"; then: uploader submit FILE s3://{stack.bucket}/ --wait',
+                  highlight=False, markup=False, soft_wrap=True)
+
+
+@local.command(name="env")
+@_LOCAL_DIR
+@_friendly_errors
+def local_env(directory: str | None) -> None:
+    """Print the settings of the running local stack as `export` lines: eval "$(uploader local env)"."""
+    from pathlib import Path
+
+    from uploader.dev import local as stack_module
+
+    where = Path(directory) if directory else stack_module.default_directory()
+    stack = stack_module.LocalStack.load(where)
+    if stack is None or not stack.alive():
+        raise UploadNotFound(f"no local stack is running in {where}: start one with `uploader local up`")
+    click.echo(stack.shell())
+
+
+@local.command(name="down")
+@_LOCAL_DIR
+@_friendly_errors
+def local_down(directory: str | None) -> None:
+    """Stop the local stack and remove its state, logs and data."""
+    from pathlib import Path
+
+    from uploader.dev import local as stack_module
+
+    where = Path(directory) if directory else stack_module.default_directory()
+    stopped = stack_module.down(where)
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing was running in {where}",
+                  highlight=False, markup=False)
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
 @main.command()
 def keygen() -> None:
     """Print a new fleet key (UPLOADER_FLEET_KEY) for workers and operators."""

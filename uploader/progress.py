@@ -96,7 +96,7 @@ def _plain_lines(statuses: Iterable[UploadStatus], console: Console, every: floa
         percent = f" ({done * 100 // status.size}%)" if status.size else ""
         console.print(
             f"{status.upload_id}: {state} {format_size(done)} of {format_size(status.size)}{percent}"
-            + (f", {format_size(int(rate))}/s" if rate is not None and rate >= 0 else "")
+            + (f", {format_size(int(rate))}/s" if rate is not None and rate > 0 else "")
             + f", parts {status.parts_done}/{status.part_count}",
             highlight=False, markup=False, soft_wrap=True,
         )
