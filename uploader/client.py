@@ -140,7 +140,7 @@ def _client_celery(settings: Settings, interactive: bool) -> Celery:
     app = ClientCelery("uploader-client", set_as_current=False)
     app.conf.update(contract.celery_config(settings))
     # Publish by queue name only: the workers declare the queues (clients' Redis user may not).
-    app.conf.update(task_queues=contract.task_queues(declare=False, max_priority=settings.queue_max_priority, lanes=settings.part_lanes))
+    app.conf.update(task_queues=contract.task_queues(declare=False, lanes=settings.part_lanes, arguments=contract.queue_arguments(settings)))
     # No task-sent events from clients: each process would appear in Flower (and in its
     # metrics' ``worker`` label) as a worker of its own, ``gen<pid>@host``, one more per CLI
     # call. Flower learns of a submitted task when a worker receives it.

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     #: ``priority`` 0-9; 0: without it, as before). RabbitMQ cannot change an existing queue's
     #: arguments: see the README's "Priorities". Redis brokers ignore it.
     queue_max_priority: int = Field(0, ge=0, le=255)
+    #: RabbitMQ only: ``classic`` queues, or ``quorum`` queues (replicated across the cluster's
+    #: nodes: a node lost loses no queued part). RabbitMQ cannot change an existing queue's type.
+    #: Quorum queues of RabbitMQ 3.x have no priorities (``UPLOADER_QUEUE_MAX_PRIORITY`` must stay 0).
+    queue_type: Literal["classic", "quorum"] = "classic"
     #: TLS for every ``rediss://`` URL above, broker, results and checkpoint alike (see
     #: ``uploader/redis_tls.py``): the CA (PEM) that signed the Redis server's certificate
     #: (unset: the system's CAs), a client certificate and key for ``tls-auth-clients yes``, and
@@ -320,6 +324,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{', '.join(sentinel)} use Redis Sentinel: set UPLOADER_REDIS_SENTINEL_MASTER to the name of the "
                 "primary the sentinels monitor (`sentinel monitor <name> ...`)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quorum_queues_have_no_priorities(self) -> Settings:
+        if self.queue_type == "quorum" and self.queue_max_priority:
+            raise ValueError(
+                "UPLOADER_QUEUE_TYPE=quorum and UPLOADER_QUEUE_MAX_PRIORITY do not go together: RabbitMQ 3.x quorum "
+                "queues have no priorities (set UPLOADER_QUEUE_MAX_PRIORITY=0, or keep classic queues)"
             )
         return self
 

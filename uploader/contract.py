@@ -285,35 +285,43 @@ def part_lanes(count: int) -> tuple[str, ...]:
     return (PARTS_QUEUE, *(f"{PARTS_QUEUE}.{lane}" for lane in range(1, count)))
 
 
-def task_queues(*, declare: bool = True, max_priority: int = 0, lanes: int = 1) -> tuple[Queue, ...]:
+def queue_arguments(settings: Settings) -> dict[str, Any] | None:
+    """The RabbitMQ arguments the workers declare their queues with: ``x-max-priority``
+    (``UPLOADER_QUEUE_MAX_PRIORITY``, which its classic queues need to rank messages by priority;
+    0: none, as queues were declared before it existed) and ``x-queue-type: quorum``
+    (``UPLOADER_QUEUE_TYPE``: replicated queues that survive a broker node's loss). RabbitMQ
+    refuses to declare an existing queue with other arguments; Redis brokers ignore them."""
+    arguments: dict[str, Any] = {}
+    if settings.queue_max_priority:
+        arguments["x-max-priority"] = settings.queue_max_priority
+    if settings.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    return arguments or None
+
+
+def task_queues(*, declare: bool = True, lanes: int = 1, arguments: dict[str, Any] | None = None) -> tuple[Queue, ...]:
     """The control queue and the ``lanes`` part lanes, declared with kombu (direct exchanges named
-    after each queue).
+    after each queue), with ``arguments`` (:func:`queue_arguments`).
 
     ``declare=False`` (clients): never declared by this process. Celery publishes a task routed
     to a queue by the queue's name (its anonymous exchange), so sending needs only an LPUSH on
     the queue's list; declaring would also write kombu's binding sets (``_kombu.binding.*``) and
-    read the queues' lengths, which the clients' Redis user may not (deploy/redis/users.acl).
-
-    ``max_priority`` (``UPLOADER_QUEUE_MAX_PRIORITY``): RabbitMQ's ``x-max-priority`` argument,
-    which its queues need to rank messages by priority (0: no arguments, as queues were declared
-    before it existed; RabbitMQ refuses to declare an existing queue with other arguments)."""
+    read the queues' lengths, which the clients' Redis user may not (deploy/redis/users.acl)."""
     from kombu import Exchange, Queue  # (kombu loads with Celery: a client that only reads status never needs it)
 
-    arguments = {"x-max-priority": max_priority} if max_priority else None
     return tuple(
         Queue(name, Exchange(name, type="direct"), routing_key=name, no_declare=not declare, queue_arguments=arguments)
         for name in (CONTROL_QUEUE, *part_lanes(lanes))
     )
 
 
-def host_queue(host: str, *, declare: bool = False, max_priority: int = 0) -> Queue:
+def host_queue(host: str, *, declare: bool = False, arguments: dict[str, Any] | None = None) -> Queue:
     """The queue of host ``host``'s workers (uploader/locality.py), as :func:`task_queues`
     declares its queues: a worker declares its own host's (``declare``); a sender publishes to
     any by name."""
     from kombu import Exchange, Queue
 
     name = locality.host_queue_name(host)
-    arguments = {"x-max-priority": max_priority} if max_priority else None
     return Queue(name, Exchange(name, type="direct"), routing_key=name, no_declare=not declare, queue_arguments=arguments)
 
 
@@ -346,7 +354,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "task_queues": task_queues(max_priority=settings.queue_max_priority, lanes=settings.part_lanes),
+        "task_queues": task_queues(lanes=settings.part_lanes, arguments=queue_arguments(settings)),
         "task_routes": task_routes(),
         "task_default_queue": CONTROL_QUEUE,
         "task_create_missing_queues": False,
@@ -354,6 +362,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # One Redis list per priority (uploader/priority.py): requests' ``priority`` 0-9.
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout, **priority.transport_options(), **sentinel_options(settings),
+            # RabbitMQ: publisher confirms, so a send returns once the broker has the message
+            # (a part dispatched is a part queued, even if the broker fails right after).
+            **({} if priority.is_redis(settings.broker_url) else {"confirm_publish": True}),
         },
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout, **sentinel_options(settings)},
         # Bounds the chord counters too: a chord whose parts outlive it would never fire.

@@ -31,7 +31,7 @@ from uploader.auth import FLEET_KEY_MISSING
 from uploader.checkpoint.heartbeat import Heartbeat, incarnation_name, pool_process_name
 from uploader.config import get_settings
 from uploader.context import default_context
-from uploader.contract import celery_config, host_queue
+from uploader.contract import celery_config, host_queue, queue_arguments
 from uploader.probe import ProbeFile
 from workers import control, transport
 from workers.transport import broker_settings
@@ -146,7 +146,7 @@ def name_incarnation(sender: str = "", instance: Any = None, **_: Any) -> None:
     transport.holder = incarnation.name
     if instance is not None:
         instance.app.amqp.queues.select_add(
-            host_queue(settings.host_name, declare=True, max_priority=settings.queue_max_priority)
+            host_queue(settings.host_name, declare=True, arguments=queue_arguments(settings))
         )
 
 

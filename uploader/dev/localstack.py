@@ -199,6 +199,61 @@ class SeaweedS3(_Process):
             return False
 
 
+class RabbitMQServer(_Process):
+    """A private ``rabbitmq-server`` node (Debian's package) on free loopback ports, its data and
+    logs in ``workdir``: the broker of the tests that run on RabbitMQ. Debian's launcher runs the
+    node as the ``rabbitmq`` user, so its directory is handed to that user."""
+
+    def __init__(self, workdir: Path):
+        import pwd
+
+        binary = shutil.which("rabbitmq-server") or ("/usr/sbin/rabbitmq-server" if Path("/usr/sbin/rabbitmq-server").exists() else None)
+        if binary is None:
+            raise RuntimeError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        # Its own directory beside the workdir (which may be private to this user): the node
+        # must reach it as the rabbitmq user.
+        base = Path(tempfile.mkdtemp(prefix=f"uploader-rabbitmq-{self.port}-"))
+        self.base = base
+        (base / "enabled_plugins").write_text("[].\n")
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        try:
+            owner = pwd.getpwnam("rabbitmq")
+            for path in (base, *base.iterdir()):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        except KeyError:
+            pass  # no rabbitmq user: the launcher runs the node as whoever starts it
+        #: The node's name (``rabbitmqctl -n NODE``).
+        self.node = f"uploader-test-{self.port}@localhost"
+        env = {
+            **os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"), "RABBITMQ_PID_FILE": str(base / "pid"),
+        }
+        super().__init__([binary], workdir / f"rabbitmq-{self.port}.log", env=env)
+
+        def ready() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"rabbitmq-server exited: {self.log_text()[-2000:]}")
+            return "Starting broker... completed" in self.log_text() and _port_open(self.port)
+
+        wait_until(ready, 120, f"rabbitmq-server on port {self.port}", interval=0.3)
+
+    def stop(self, timeout: float = 30) -> None:
+        super().stop(timeout)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 class MotoS3(_Process):
     """``moto_server``: a second, stricter implementation of the S3 API, in memory."""
 
