@@ -41,6 +41,13 @@ def test_task_events_show_ids_and_numbers_only_and_no_secrets(make_stack) -> Non
         assert kwargs["upload_id"] == handle.upload_id
         assert isinstance(kwargs["part_number"], int) and isinstance(kwargs["generation"], int)
     assert {e["name"] for e in received} >= {"uploader.start_upload", "uploader.upload_part", "uploader.complete_upload"}
+    # Each part's result, as Flower shows it on the task's row and page: its upload, its part,
+    # how it ended and the bytes it sent (searching Flower for the upload id finds them).
+    part_ids = {e["uuid"] for e in parts}
+    results = [ast.literal_eval(e["result"]) for e in events if e.get("type") == "task-succeeded" and e["uuid"] in part_ids]
+    assert sorted(r["part"] for r in results) == [1, 2, 3]
+    assert all(r["upload_id"] == handle.upload_id and r["bytes_sent"] == 5 * MiB and r["outcome"] in ("recorded", "last")
+               for r in results), results
 
     everything = json.dumps(events, default=str)
     assert SECRET_KEY not in everything and ACCESS_KEY not in everything
