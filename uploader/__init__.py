@@ -11,8 +11,9 @@ for ``--help``, a worker's modules) does not load the client, Celery and Redis w
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from uploader.lazy import exports
 
 if TYPE_CHECKING:
     from uploader.client import Uploader, UploadHandle, UploadStatus
@@ -56,10 +57,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'uploader' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, globals(), _HOMES)

@@ -25,8 +25,9 @@ have no fingerprint and are uploaded.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from uploader.lazy import exports
 
 if TYPE_CHECKING:
     from uploader.batch.request import FINGERPRINT_METADATA, BatchRequest, file_upload_id, parse_batch_request
@@ -43,10 +44,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'uploader.batch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, globals(), _HOMES)
