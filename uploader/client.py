@@ -184,6 +184,10 @@ class Uploader:
             reconnect_attempts=1 if interactive else None,
             timeout=INTERACTIVE_TIMEOUT if interactive else None,
         )
+        if settings.message_signing:
+            # Signing settings are checked as the app is made: a misconfigured client says so
+            # at once, whatever command it runs (the app is otherwise made at first use).
+            _ = self.celery
 
     @functools.cached_property
     def celery(self) -> Celery:
