@@ -242,6 +242,13 @@ class RabbitMQServer(_Process):
         wait_until(ready, 120, f"rabbitmq-server on port {self.port}", interval=0.3)
 
     def stop(self, timeout: float = 30) -> None:
+        # The node runs in a session of its own (Debian's launcher su's to the rabbitmq user), out
+        # of reach of the launcher's process group: rabbitmqctl stops it, and waits.
+        ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+        try:
+            subprocess.run([ctl, "-n", self.node, "shutdown"], capture_output=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         super().stop(timeout)
         shutil.rmtree(self.base, ignore_errors=True)
 
