@@ -101,7 +101,8 @@ def test_bad_source_or_option_is_refused_and_leaves_nothing(stack: Stack, bucket
         ("s3://Bad_Bucket/key", "invalid bucket name"),
         ("s3://ab/key", "invalid bucket name"),
         ("s3://192.168.1.1/key", "IP address"),
-        ("s3://good-bucket/", "key must not be empty"),
+        # (A prefix keeps the source's name, as aws s3 cp does: tests/test_cli_habits.py.)
+        ("s3://good-bucket/" + "k" * 1025 + "/", "at most 1024 bytes"),
         ("s3://good-bucket/" + "k" * 1025, "at most 1024 bytes"),
         ("http://good-bucket/key", "must look like s3://bucket/key"),
     ],
@@ -110,6 +111,11 @@ def test_bad_destination_is_refused_before_sending(stack: Stack, destination: st
     path = stack.make_file(1000)
     with pytest.raises(InvalidRequest, match=words):
         stack.uploader.submit(str(path), destination)
+
+
+def test_a_prefix_destination_needs_a_source_with_a_name(stack: Stack) -> None:
+    with pytest.raises(InvalidRequest, match="no name to keep"):
+        stack.uploader.submit("https://example.com/", "s3://good-bucket/prefix/")
 
 
 def test_bad_destination_sent_raw_is_refused_by_the_coordinator(stack: Stack, bucket: str) -> None:

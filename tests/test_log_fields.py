@@ -49,4 +49,5 @@ def test_every_text_line_about_an_upload_names_it(make_stack) -> None:  # type: 
     assert len(part_lines) >= 6  # received and succeeded, per part
     for line in part_lines:
         assert handle.upload_id in line, line
-    assert all(re.search(r"part [1-3]", line) for line in part_lines if "succeeded in" in line)
+    # ... and its part: the prefix, or the result the line shows ({'part': 2, ...}).
+    assert all(re.search(r"part'?:? [1-3]\b", line) for line in part_lines if "succeeded in" in line)
